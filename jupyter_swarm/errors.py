@@ -21,7 +21,15 @@ class ProtocolError(SwarmError):
 
 
 class RemoteError(SwarmError):
-    """A server answered a request with an error; the message is the server's explanation."""
+    """A server answered a request with an error; the message is the server's explanation.
+
+    ``invalid_request`` is True when the server refused the request itself (another server would refuse
+    it too), False when the server failed or was busy (another server may succeed).
+    """
+
+    def __init__(self, message: str, *, invalid_request: bool = False):
+        super().__init__(message)
+        self.invalid_request = invalid_request
 
 
 class PeerUnavailableError(SwarmError, ConnectionError):

@@ -1,0 +1,150 @@
+"""The distributed causal LM: embeddings and LM head run locally, every transformer block on the swarm.
+
+It is a transformers ``PreTrainedModel`` with ``GenerationMixin``, so ``generate()`` (greedy, sampling,
+beam search) works as usual; inside ``inference_session()`` each generation step is one step of a
+server-side session, whose attention caches live on the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from jupyter_swarm.client.inference import InferenceSession
+from jupyter_swarm.client.remote_blocks import RemoteBlocks
+from jupyter_swarm.client.swarm import SwarmClient
+from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
+from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.models import ClientHead, load_model_config
+from jupyter_swarm.wire.tensors import Compression
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose blocks are served by a swarm. Build it with :meth:`from_pretrained`."""
+
+    config_class = PretrainedConfig
+    main_input_name = "input_ids"
+    base_model_prefix = "head"
+    _supports_cache_class = True
+
+    def __init__(self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient,
+                 compression: Compression = Compression.NONE):
+        super().__init__(config)
+        self.head = head
+        self.swarm = swarm
+        self.compression = compression
+        self.remote_blocks = RemoteBlocks(swarm, compression)
+        self.active_session: InferenceSession | None = None
+        self._pending_beam_idx: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, *args: Any, initial_peers: Sequence[str] = (), dtype: torch.dtype | None = None,
+                        model_prefix: str | None = None, compression: str = "none",
+                        wait_for_coverage: float = 10.0, request_timeout: float = 180.0,
+                        **kwargs: Any) -> "DistributedModelForCausalLM":
+        """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks."""
+        if args or kwargs:
+            raise ConfigurationError(f"unexpected arguments {list(kwargs) or args}; "
+                                     "supported: initial_peers, dtype, model_prefix, compression, "
+                                     "wait_for_coverage, request_timeout")
+        config = load_model_config(model)
+        head = ClientHead.load(model, dtype=dtype)
+        try:
+            comp = Compression(compression)
+        except ValueError:
+            raise ConfigurationError(f"compression must be one of {[c.value for c in Compression]}, "
+                                     f"got {compression!r}") from None
+        swarm = SwarmClient(model_prefix or default_model_prefix(model), head.num_blocks, list(initial_peers),
+                            wait_for_coverage=wait_for_coverage, request_timeout=request_timeout)
+        instance = cls(config, head, swarm, comp)
+        instance.generation_config = _generation_config(model, config)
+        instance.eval()
+        return instance
+
+    # ---- sessions ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int = DEFAULT_MAX_LENGTH) -> Iterator[InferenceSession]:
+        """A server-side session that several ``generate()`` calls (or manual steps) share."""
+        if self.active_session is not None:
+            raise ConfigurationError("an inference session is already open on this model; close it first")
+        session = InferenceSession(self.swarm, max_length=max_length, compression=self.compression)
+        self.active_session = session
+        try:
+            yield session
+        finally:
+            self.active_session = None
+            self._pending_beam_idx = None
+            session.close()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate(); opens a session for this call unless one is already open.
+
+        Inside an open session, ``inputs`` are the tokens that follow what the session has already seen.
+        """
+        if self.active_session is not None:
+            return super().generate(inputs, *args, **kwargs)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_length = input_ids.shape[1] if input_ids is not None else 1
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
+        max_length = prompt_length + max_new if max_new else (kwargs.get("max_length") or config.max_length)
+        with self.inference_session(max_length=max_length):
+            return super().generate(inputs, *args, **kwargs)
+
+    def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
+        """Beam search reorders hypotheses: the servers reorder their caches at the next step."""
+        self._pending_beam_idx = beam_idx
+        return cache
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                cache: Any = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits for ``input_ids``; inside a session only the new tokens are sent to the servers."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ConfigurationError("padded batches are not supported yet: give every row the same length "
+                                     "(or generate rows one at a time)")
+        hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.active_session is not None:
+            beam_idx, self._pending_beam_idx = self._pending_beam_idx, None
+            hidden = self.active_session.step(hidden, beam_idx=beam_idx)
+        else:
+            hidden = self.remote_blocks(hidden)
+        logits = self.head.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.get_input_embeddings() if hasattr(self.head, "get_input_embeddings") else None
+
+    def close(self) -> None:
+        """Leave the swarm (closes the libp2p host)."""
+        self.swarm.close()
+
+
+def _generation_config(model: str, config: PretrainedConfig) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return GenerationConfig.from_model_config(config)
+
+
+class AutoDistributedModelForCausalLM:
+    """Petals-style entry point: ``AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])``."""
+
+    @staticmethod
+    def from_pretrained(model: str, **kwargs: Any) -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(model, **kwargs)

@@ -1,0 +1,86 @@
+"""The swarm map: which servers hold which blocks of a model, read from (and announced to) the records."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from jupyter_swarm.dht.records import ServerRecord, ServerState
+from jupyter_swarm.dht.store import RecordStore
+from jupyter_swarm.errors import ProtocolError, RemoteError
+from jupyter_swarm.wire.messages import field as message_field
+from jupyter_swarm.wire.messages import pack, unpack
+
+logger = logging.getLogger(__name__)
+
+
+def block_key(model_prefix: str, block: int) -> str:
+    """The swarm key of one block of one model."""
+    return f"{model_prefix}.{block}"
+
+
+@dataclass
+class SwarmMap:
+    """A snapshot of the servers of one model and the blocks they cover."""
+
+    model_prefix: str
+    num_blocks: int
+    servers: dict[str, ServerRecord] = field(default_factory=dict)
+    ttl_left: dict[str, float] = field(default_factory=dict)
+
+    def servers_for(self, block: int, states: tuple[ServerState, ...] = (ServerState.ONLINE,)) -> list[ServerRecord]:
+        """Servers whose span contains ``block`` and whose state is one of ``states``."""
+        return [s for s in self.servers.values() if s.start <= block < s.end and s.state in states]
+
+    def coverage(self, states: tuple[ServerState, ...] = (ServerState.ONLINE,)) -> list[int]:
+        """How many servers hold each block."""
+        return [len(self.servers_for(b, states)) for b in range(self.num_blocks)]
+
+    def missing_blocks(self, states: tuple[ServerState, ...] = (ServerState.ONLINE,)) -> list[int]:
+        """Blocks that no server (in one of ``states``) holds."""
+        return [b for b, n in enumerate(self.coverage(states)) if n == 0]
+
+    def online(self) -> list[ServerRecord]:
+        """Online servers, ordered by span start."""
+        return sorted((s for s in self.servers.values() if s.state == ServerState.ONLINE),
+                      key=lambda s: (s.start, s.end, s.peer_id))
+
+
+def encode_record(record: ServerRecord) -> bytes:
+    return pack({"type": "record", "record": record.to_wire()})
+
+
+def decode_record(value: bytes, *, num_blocks: int) -> ServerRecord | None:
+    try:
+        data = message_field(unpack(value, "record"), "record", dict)
+    except (ProtocolError, RemoteError) as e:
+        logger.warning("ignoring an unreadable swarm record: %s", e)
+        return None
+    return ServerRecord.from_wire(data, num_blocks=num_blocks)
+
+
+async def announce(store: RecordStore, model_prefix: str, record: ServerRecord, ttl: float) -> int:
+    """Publish ``record`` under every block of its span; returns the fewest replicas any block reached."""
+    value = encode_record(record)
+    return await store.put_many({block_key(model_prefix, b): value for b in record.span}, ttl)
+
+
+async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int) -> SwarmMap:
+    """Read the current map of ``model_prefix`` from the swarm's records."""
+    keys = {block_key(model_prefix, b): b for b in range(num_blocks)}
+    found = await store.get_many(list(keys))
+    swarm = SwarmMap(model_prefix, num_blocks)
+    for key, entries in found.items():
+        block = keys[key]
+        for subkey, (value, ttl) in entries.items():
+            record = decode_record(value, num_blocks=num_blocks)
+            if record is None:
+                continue
+            if record.peer_id != subkey or block not in record.span:
+                logger.warning("ignoring a record of %s under block %d: it names peer %s, span %d:%d",
+                               subkey, block, record.peer_id, record.start, record.end)
+                continue
+            if ttl > swarm.ttl_left.get(subkey, -1.0):
+                swarm.servers[subkey] = record
+                swarm.ttl_left[subkey] = ttl
+    return swarm

@@ -1,0 +1,67 @@
+"""Length-prefixed frames over a libp2p stream: one frame = one message.
+
+A closed or reset stream surfaces as :class:`PeerUnavailableError` at once, so callers treat a dead
+peer as a failure immediately instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+from libp2p.abc import INetStream
+from libp2p.exceptions import BaseLibp2pError
+
+from jupyter_swarm.errors import PeerUnavailableError, ProtocolError
+
+DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
+_HEADER_BYTES = 4
+
+
+class FramedStream:
+    """A libp2p stream carrying whole messages (frames) rather than bytes."""
+
+    def __init__(self, stream: INetStream, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._stream = stream
+        self.max_frame_bytes = max_frame_bytes
+        self.remote_peer = str(stream.muxed_conn.peer_id)
+
+    async def send(self, payload: bytes) -> None:
+        """Write one frame."""
+        if len(payload) > self.max_frame_bytes:
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds the {self.max_frame_bytes}-byte limit")
+        try:
+            await self._stream.write(len(payload).to_bytes(_HEADER_BYTES, "big") + payload)
+        except (BaseLibp2pError, OSError, EOFError) as e:
+            raise PeerUnavailableError(f"connection to peer {self.remote_peer} closed while sending: {e!r}") from e
+
+    async def recv(self) -> bytes:
+        """Read one frame; raises PeerUnavailableError if the stream ends first."""
+        size = int.from_bytes(await self._read_exactly(_HEADER_BYTES), "big")
+        if size > self.max_frame_bytes:
+            raise ProtocolError(
+                f"peer {self.remote_peer} announced a {size}-byte message, over the {self.max_frame_bytes}-byte limit")
+        return await self._read_exactly(size)
+
+    async def _read_exactly(self, size: int) -> bytes:
+        buf = bytearray()
+        try:
+            while len(buf) < size:
+                chunk = await self._stream.read(size - len(buf))
+                if not chunk:
+                    raise EOFError("end of stream")
+                buf += chunk
+        except (BaseLibp2pError, OSError, EOFError) as e:
+            raise PeerUnavailableError(f"connection to peer {self.remote_peer} closed: {e!r}") from e
+        return bytes(buf)
+
+    async def close(self) -> None:
+        """Close our side; errors from an already-dead stream are ignored."""
+        try:
+            await self._stream.close()
+        except Exception:  # noqa: BLE001 - closing a broken stream has nothing left to report
+            pass
+
+    async def reset(self) -> None:
+        """Abort the stream (both directions)."""
+        try:
+            await self._stream.reset()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,264 @@
+"""One libp2p host per process, running on trio in a background thread.
+
+Synchronous code (and a Jupyter kernel's asyncio code) reaches the host through :meth:`P2PNode.call`,
+which crosses into the trio thread over an anyio blocking portal. Handlers and background tasks run
+on that trio thread; they must never run model compute there (see ``trio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import multiaddr
+import trio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
+from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.p2p.identity import new_identity
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+StreamHandler = Callable[[FramedStream], Awaitable[None]]
+
+CONNECT_TIMEOUT = 5.0
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+_PEER_ADDR_TTL = 3600
+
+
+def quiet_libp2p_logs() -> None:
+    """py-libp2p logs ordinary disconnects at ERROR; keep that noise away from users unless asked for."""
+    if not os.environ.get("JUPYTER_SWARM_DEBUG_P2P"):
+        for name in ("libp2p", "multiaddr", "async_service"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    """Parse a multiaddr, raising ConfigurationError with the offending text on failure."""
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as e:  # multiaddr raises several unrelated types
+        raise ConfigurationError(
+            f"peer address {text!r} does not parse as a multiaddr ({e}); expected e.g. "
+            "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...") from e
+
+
+def parse_peer_multiaddr(text: str) -> tuple[str, multiaddr.Multiaddr]:
+    """Parse a full peer address (ending in /p2p/<peer id>) into (peer id, address)."""
+    addr = parse_multiaddr(text)
+    try:
+        info = info_from_p2p_addr(addr)
+    except Exception as e:
+        raise ConfigurationError(
+            f"peer address {text!r} has no /p2p/<peer id> part ({e}); copy the full address a server prints") from e
+    return str(info.peer_id), addr
+
+
+class P2PNode:
+    """A libp2p host (TCP, Noise, yamux) with a Kademlia DHT, owned by a background trio thread."""
+
+    def __init__(
+        self,
+        *,
+        identity: KeyPair | None = None,
+        listen: Sequence[str] = DEFAULT_LISTEN,
+        announce: Sequence[str] = (),
+        dht_server: bool = True,
+    ):
+        self.identity = identity or new_identity()
+        self._listen = [parse_multiaddr(a) for a in listen]
+        self._announce = [parse_multiaddr(a) for a in announce]
+        self._dht_mode = DHTMode.SERVER if dht_server else DHTMode.CLIENT
+        self._portal_cm: Any = None
+        self._portal: BlockingPortal | None = None
+        self._stopped: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        self._handlers: dict[str, StreamHandler] = {}
+        self.host: Any = None
+        self.dht: KadDHT | None = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "P2PNode":
+        """Start the trio thread and the host; returns once it is listening."""
+        quiet_libp2p_logs()
+        self._portal_cm = start_blocking_portal(backend="trio")
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._portal.start_task(self._run, name="libp2p-host")
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            self._portal = None
+            raise
+        return self
+
+    async def _run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        self._stopped = trio.Event()
+        kwargs: dict[str, Any] = {}
+        if self._announce:
+            kwargs["announce_addrs"] = self._announce
+        self.host = new_host(
+            key_pair=self.identity,
+            listen_addrs=self._listen,
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            **kwargs,
+        )
+        # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
+        async with self.host.run(listen_addrs=self._listen):
+            self.dht = KadDHT(self.host, self._dht_mode)
+            async with background_trio_service(self.dht):
+                for protocol, handler in self._handlers.items():
+                    self._install_handler(protocol, handler)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await self._stopped.wait()
+                    nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Stop every background task, close connections and the trio thread. Idempotent."""
+        with self._lock:
+            portal, self._portal = self._portal, None
+        if portal is None:
+            return
+        try:
+            portal.call(self._stopped.set)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the loop may already be gone
+            pass
+        try:
+            self._portal_cm.__exit__(None, None, None)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("libp2p shutdown: %r", e)
+
+    def __enter__(self) -> "P2PNode":
+        return self.start() if self._portal is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._portal is not None
+
+    # ---- the bridge from other threads ----------------------------------------------------------
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the trio thread and return its result (blocking the caller)."""
+        portal = self._portal
+        if portal is None:
+            raise PeerUnavailableError("the libp2p host is not running (it was shut down or never started)")
+        return portal.call(fn, *args)
+
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the trio thread (to touch state owned by it)."""
+        portal = self._portal
+        if portal is None:
+            raise PeerUnavailableError("the libp2p host is not running")
+        return portal.call(fn, *args)
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start a background task in the node's nursery (call from the trio thread)."""
+        assert self._nursery is not None, "node not started"
+        self._nursery.start_soon(fn, *args)
+
+    def spawn_from_thread(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start a background task in the node's nursery from any other thread."""
+        self.call_sync(self.spawn, fn, *args)
+
+    # ---- identity and addresses ---------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return str(ID.from_pubkey(self.identity.public_key))
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<peer id>) that other peers can dial."""
+        if self.host is None:
+            return []
+        return [str(a) for a in self.host.get_addrs()]
+
+    # ---- handlers, connections and streams --------------------------------------------------------
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol``: each incoming stream is passed to ``handler`` as a FramedStream."""
+        self._handlers[protocol] = handler
+        if self.host is not None:
+            self.call_sync(self._install_handler, protocol, handler)
+
+    def _install_handler(self, protocol: str, handler: StreamHandler) -> None:
+        async def wrapped(raw_stream: Any) -> None:
+            stream = FramedStream(raw_stream)
+            try:
+                await handler(stream)
+            except PeerUnavailableError:
+                pass  # the other side went away; nothing to answer
+            except Exception:
+                logger.exception("handler for %s failed on a stream from %s", protocol, stream.remote_peer)
+            finally:
+                await stream.close()
+
+        self.host.set_stream_handler(TProtocol(protocol), wrapped)
+
+    def remember_addrs(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Tell the peerstore where ``peer_id`` listens (call on the trio thread)."""
+        parsed = []
+        for a in addrs:
+            try:
+                parsed.append(multiaddr.Multiaddr(str(a).split("/p2p/")[0]))
+            except Exception:  # noqa: BLE001 - a peer's bad address is skipped, not fatal
+                logger.warning("ignoring unparsable address %r of peer %s", a, peer_id)
+        if parsed:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, _PEER_ADDR_TTL)
+
+    async def connect(self, address: str, timeout: float = CONNECT_TIMEOUT) -> str:
+        """Dial a full peer multiaddr; returns the peer id. Also adds the peer to the DHT routing table."""
+        peer_id, addr = parse_peer_multiaddr(address)
+        info = info_from_p2p_addr(addr)
+        try:
+            with trio.fail_after(timeout):
+                await self.host.connect(info)
+        except (trio.TooSlowError, BaseLibp2pError, OSError) as e:
+            raise PeerUnavailableError(f"could not reach peer at {address} within {timeout:g} s: {e!r}") from e
+        if self.dht is not None:
+            try:
+                await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
+            except Exception as e:  # noqa: BLE001 - routing table refusal is not fatal for the connection
+                logger.debug("routing table did not take %s: %r", peer_id, e)
+        return peer_id
+
+    async def open_stream(self, peer_id: str, protocol: str, timeout: float = CONNECT_TIMEOUT) -> FramedStream:
+        """Open a stream to a peer (dialing it if needed, from addresses in the peerstore)."""
+        try:
+            with trio.fail_after(timeout):
+                raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as e:
+            raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {e!r}") from e
+        return FramedStream(raw)
+
+    async def request(self, peer_id: str, protocol: str, payload: bytes, timeout: float) -> bytes:
+        """Send one message on a new stream and return the one-message answer."""
+        stream = await self.open_stream(peer_id, protocol)
+        try:
+            with trio.fail_after(timeout):
+                await stream.send(payload)
+                return await stream.recv()
+        except trio.TooSlowError as e:
+            raise PeerUnavailableError(f"peer {peer_id} did not answer {protocol} within {timeout:g} s") from e
+        finally:
+            await stream.close()
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids with an open connection (call on the trio thread)."""
+        return [str(p) for p in self.host.get_network().connections.keys()]

@@ -1,0 +1,215 @@
+"""The requests a server answers for its span: forward, backward and streaming inference sessions.
+
+Handlers run on the libp2p trio thread; every model call goes to one compute thread through a
+capacity limiter, so networking never waits behind a forward pass and sessions never share a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from jupyter_swarm.errors import ProtocolError, RemoteError, SwarmError
+from jupyter_swarm.models import BlockSpan
+from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
+from jupyter_swarm.runtime.validation import InvalidRequestError, check_hidden, check_prompts
+from jupyter_swarm.wire.messages import error_message, field as message_field, pack, unpack
+from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceStats:
+    """Counters a server shows (and the notebook's serve panel reads)."""
+
+    forward_requests: int = 0
+    backward_requests: int = 0
+    inference_steps: int = 0
+    sessions_opened: int = 0
+    open_sessions: int = 0
+    errors: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class SpanService:
+    """Serves one loaded :class:`BlockSpan` to many clients at once."""
+
+    def __init__(self, span: BlockSpan, *, cache_bytes: int, max_session_length: int = 8192,
+                 session_timeout: float = 30 * 60, step_timeout: float = 5 * 60):
+        self.span = span
+        self.budget = CacheBudget(cache_bytes)
+        self.max_session_length = max_session_length
+        self.session_timeout = session_timeout
+        self.step_timeout = step_timeout
+        self.stats = ServiceStats()
+        self._compute = trio.CapacityLimiter(1)
+
+    def cache_tokens_left(self) -> int:
+        """How many more tokens (batch 1) the cache budget can hold."""
+        per_token = max(1, self.span.cache_bytes(1, 1))
+        return max(0, self.budget.free_bytes // per_token)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._compute)
+
+    # ---- forward / backward ------------------------------------------------------------------------
+    async def handle_rpc(self, stream: FramedStream) -> None:
+        """Answer forward/backward/info requests on one stream until the client closes it."""
+        while True:
+            try:
+                payload = await stream.recv()
+            except SwarmError:
+                return
+            try:
+                reply = await self._rpc(unpack(payload, ("forward", "backward", "info")))
+            except SwarmError as e:
+                self.stats.errors += 1
+                reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
+            except Exception as e:  # a bug must not take the server down; tell the client what happened
+                logger.exception("forward/backward failed")
+                self.stats.errors += 1
+                reply = error_message(f"server error: {e!r}")
+            await stream.send(reply)
+
+    async def _rpc(self, message: dict[str, Any]) -> bytes:
+        kind = message["type"]
+        if kind == "info":
+            return pack({"type": "info", "start": self.span.start, "end": self.span.end,
+                         "dtype": str(self.span.dtype).removeprefix("torch."),
+                         "cache_tokens_left": self.cache_tokens_left()})
+        compression = Compression(message_field(message, "compression", str, "none"))
+        hidden = decode_tensor(message_field(message, "hidden", dict))
+        check_hidden(hidden, hidden_size=self.span.hidden_size, dtype=self.span.dtype)
+        prompts = self._prompts(message, hidden)
+        if kind == "forward":
+            self.stats.forward_requests += 1
+            out = await self._run(self._forward, hidden, prompts)
+            return pack({"type": "forward_result", "hidden": encode_tensor(out, compression)})
+        grad_output = decode_tensor(message_field(message, "grad_output", dict))
+        if grad_output.shape != hidden.shape:
+            raise InvalidRequestError(
+                f"grad_output shape {list(grad_output.shape)} must equal the hidden states' {list(hidden.shape)}")
+        check_hidden(grad_output, hidden_size=self.span.hidden_size, dtype=self.span.dtype, name="grad_output")
+        self.stats.backward_requests += 1
+        grad_hidden, grad_prompts = await self._run(self._backward, hidden, grad_output, prompts)
+        reply: dict[str, Any] = {"type": "backward_result", "grad_hidden": encode_tensor(grad_hidden, compression)}
+        if grad_prompts is not None:
+            reply["grad_prompts"] = encode_tensor(grad_prompts, compression)
+        return pack(reply)
+
+    def _prompts(self, message: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | None:
+        raw = message_field(message, "prompts", dict, None)
+        if raw is None:
+            return None
+        prompts = decode_tensor(raw)
+        check_prompts(prompts, num_blocks=self.span.num_blocks, batch=hidden.shape[0], seq=hidden.shape[1],
+                      hidden_size=self.span.hidden_size, dtype=self.span.dtype)
+        return prompts
+
+    def _forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span(hidden.to(self.span.device), prompts=_to(prompts, self.span.device)).cpu()
+
+    def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor,
+                  prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.enable_grad():
+            hidden = hidden.to(self.span.device).requires_grad_(True)
+            inputs = [hidden]
+            if prompts is not None:
+                prompts = prompts.to(self.span.device).requires_grad_(True)
+                inputs.append(prompts)
+            out = self.span(hidden, prompts=prompts)
+            grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(self.span.device))
+        return grads[0].cpu(), (grads[1].cpu() if prompts is not None else None)
+
+    # ---- inference sessions -------------------------------------------------------------------------
+    async def handle_inference(self, stream: FramedStream) -> None:
+        """One inference session per stream: open, then steps, until the client closes or goes idle."""
+        try:
+            with trio.fail_after(self.step_timeout):
+                opening = unpack(await stream.recv(), "open")
+            max_length = message_field(opening, "max_length", int)
+            batch_size = message_field(opening, "batch_size", int)
+            if not 0 < max_length <= self.max_session_length:
+                raise InvalidRequestError(
+                    f"max_length must be in 1..{self.max_session_length} on this server, got {max_length}")
+            if not 0 < batch_size <= 256:
+                raise InvalidRequestError(f"batch_size must be in 1..256, got {batch_size}")
+            reservation = self.budget.reserve(self.span.cache_bytes(batch_size, max_length))
+        except trio.TooSlowError:
+            return
+        except (ProtocolError, RemoteError, CacheFullError) as e:
+            self.stats.errors += 1
+            await stream.send(error_message(str(e), invalid_request=not isinstance(e, CacheFullError)))
+            return
+        self.stats.sessions_opened += 1
+        self.stats.open_sessions += 1
+        try:
+            cache = self.span.new_cache(batch_size, max_length)
+            await stream.send(pack({"type": "opened", "max_length": max_length}))
+            await self._serve_session(stream, cache, batch_size)
+        finally:
+            self.stats.open_sessions -= 1
+            reservation.release()
+
+    async def _serve_session(self, stream: FramedStream, cache: Any, batch_size: int) -> None:
+        while True:
+            with trio.move_on_after(self.session_timeout) as idle:
+                try:
+                    payload = await stream.recv()
+                except SwarmError:
+                    return  # client closed the session (or died): free the cache
+            if idle.cancelled_caught:
+                await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
+                return
+            try:
+                reply = await self._step(unpack(payload, "step"), cache, batch_size)
+            except SwarmError as e:
+                self.stats.errors += 1
+                reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
+            except Exception as e:
+                logger.exception("inference step failed")
+                self.stats.errors += 1
+                reply = error_message(f"server error: {e!r}")
+            await stream.send(reply)
+
+    async def _step(self, message: dict[str, Any], cache: Any, batch_size: int) -> bytes:
+        compression = Compression(message_field(message, "compression", str, "none"))
+        hidden = decode_tensor(message_field(message, "hidden", dict))
+        check_hidden(hidden, hidden_size=self.span.hidden_size, dtype=self.span.dtype)
+        if hidden.shape[0] != batch_size:
+            raise InvalidRequestError(f"this session was opened for batch {batch_size}, got batch {hidden.shape[0]}")
+        position = message_field(message, "position", int)
+        if position != cache.length:
+            raise InvalidRequestError(
+                f"step starts at position {position} but the session's cache holds {cache.length} tokens")
+        if cache.length + hidden.shape[1] > cache.max_length:
+            raise InvalidRequestError(
+                f"session is full: {cache.length} + {hidden.shape[1]} tokens exceed its max_length {cache.max_length}")
+        beam_idx = message_field(message, "beam_idx", dict, None)
+        beam = decode_tensor(beam_idx) if beam_idx is not None else None
+        if beam is not None and (beam.ndim != 1 or beam.numel() != batch_size or beam.dtype != torch.int64
+                                 or bool((beam < 0).any()) or bool((beam >= batch_size).any())):
+            raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
+        prompts = self._prompts(message, hidden)
+        out = await self._run(self._inference_step, hidden, cache, beam, prompts)
+        self.stats.inference_steps += 1
+        return pack({"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length})
+
+    def _inference_step(self, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
+                        prompts: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            if beam is not None:
+                cache.reorder(beam.to(self.span.device))
+            return self.span(hidden.to(self.span.device), cache=cache, prompts=_to(prompts, self.span.device)).cpu()
+
+
+def _to(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)

@@ -1,0 +1,7 @@
+"""Protocol ids and message limits shared by the client and the server runtime."""
+
+RPC = "/jupyter-swarm/rpc/1.0.0"  # forward, backward, info: one request -> one reply, repeatable on a stream
+INFERENCE = "/jupyter-swarm/inference/1.0.0"  # open -> opened, then step -> output ... until the stream closes
+
+MAX_BATCH_TOKENS = 16_384  # batch * sequence length accepted in one forward/backward/step
+MAX_BATCH_SIZE = 256
