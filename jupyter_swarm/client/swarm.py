@@ -23,16 +23,40 @@ logger = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 180.0
 
 
+def join_swarm(initial_peers: Sequence[str]) -> P2PNode:
+    """Start a client libp2p node (no DHT serving) and connect it to the swarm through ``initial_peers``."""
+    if not initial_peers:
+        raise ConfigurationError(
+            "initial_peers is empty: pass the /ip4/.../p2p/... address a server printed "
+            "(or run `jupyter-swarm demo` for a local swarm)")
+    node = P2PNode(dht_server=False).start()
+    try:
+        node.call(_join, node, list(initial_peers))
+    except BaseException:
+        node.shutdown()
+        raise
+    return node
+
+
+async def _join(node: P2PNode, initial_peers: list[str]) -> None:
+    errors = []
+    for address in initial_peers:
+        try:
+            await node.connect(address)
+        except PeerUnavailableError as e:
+            errors.append(str(e))
+    if len(errors) == len(initial_peers):
+        raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
+    with trio.move_on_after(5):
+        await node.dht.refresh_routing_table()  # type: ignore[union-attr]
+
+
 class SwarmClient:
     """Connects to a swarm through ``initial_peers`` and finds servers for the blocks of one model."""
 
     def __init__(self, model_prefix: str, num_blocks: int, initial_peers: Sequence[str], *,
                  map_max_age: float = 1.0, wait_for_coverage: float = 10.0, request_timeout: float = REQUEST_TIMEOUT,
                  ban_seconds: float = 15.0):
-        if not initial_peers:
-            raise ConfigurationError(
-                "initial_peers is empty: pass the /ip4/.../p2p/... address a server printed "
-                "(or run `jupyter-swarm demo` for a local swarm)")
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
         self.map_max_age = map_max_age
@@ -42,25 +66,8 @@ class SwarmClient:
         self._map: SwarmMap | None = None
         self._map_time = 0.0
         self._rpc_pool: dict[str, list[FramedStream]] = {}
-        self.node = P2PNode(dht_server=False).start()
-        try:
-            self.store = RecordStore(self.node, serve=False)
-            self.node.call(self._join, list(initial_peers))
-        except BaseException:
-            self.node.shutdown()
-            raise
-
-    async def _join(self, initial_peers: list[str]) -> None:
-        errors = []
-        for address in initial_peers:
-            try:
-                await self.node.connect(address)
-            except PeerUnavailableError as e:
-                errors.append(str(e))
-        if len(errors) == len(initial_peers):
-            raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
-        with trio.move_on_after(5):
-            await self.node.dht.refresh_routing_table()  # type: ignore[union-attr]
+        self.node = join_swarm(initial_peers)
+        self.store = RecordStore(self.node, serve=False)
 
     # ---- the swarm map ----------------------------------------------------------------------------
     async def swarm_map(self, *, fresh: bool = False) -> SwarmMap:

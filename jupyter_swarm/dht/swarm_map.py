@@ -14,6 +14,9 @@ from jupyter_swarm.wire.messages import pack, unpack
 logger = logging.getLogger(__name__)
 
 
+MODELS_KEY = "jupyter-swarm.models"
+
+
 def block_key(model_prefix: str, block: int) -> str:
     """The swarm key of one block of one model."""
     return f"{model_prefix}.{block}"
@@ -59,10 +62,31 @@ def decode_record(value: bytes, *, num_blocks: int) -> ServerRecord | None:
     return ServerRecord.from_wire(data, num_blocks=num_blocks)
 
 
-async def announce(store: RecordStore, model_prefix: str, record: ServerRecord, ttl: float) -> int:
-    """Publish ``record`` under every block of its span; returns the fewest replicas any block reached."""
+async def announce(store: RecordStore, model_prefix: str, num_blocks: int, record: ServerRecord, ttl: float) -> int:
+    """Publish ``record`` under every block of its span (and the model in the swarm's model list).
+
+    Returns the fewest replicas any key reached.
+    """
     value = encode_record(record)
-    return await store.put_many({block_key(model_prefix, b): value for b in record.span}, ttl)
+    values = {block_key(model_prefix, b): value for b in record.span}
+    values[MODELS_KEY] = pack({"type": "model", "prefix": model_prefix, "num_blocks": num_blocks})
+    return await store.put_many(values, ttl)
+
+
+async def read_models(store: RecordStore) -> dict[str, int]:
+    """Models that servers of this swarm announce: {model prefix: number of blocks}."""
+    found = (await store.get_many([MODELS_KEY]))[MODELS_KEY]
+    models: dict[str, int] = {}
+    for value, _ttl in found.values():
+        try:
+            entry = unpack(value, "model")
+            prefix, num_blocks = message_field(entry, "prefix", str), message_field(entry, "num_blocks", int)
+        except (ProtocolError, RemoteError) as e:
+            logger.warning("ignoring an unreadable model announcement: %s", e)
+            continue
+        if 0 < num_blocks <= 100_000:
+            models[prefix] = max(num_blocks, models.get(prefix, 0))
+    return models
 
 
 async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int) -> SwarmMap:

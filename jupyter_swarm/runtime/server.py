@@ -96,7 +96,7 @@ class BlockServer:
         """Join the swarm (announcing 'joining'), load the span, then announce 'online'. Returns when online."""
         cfg = self.config
         model_config = load_model_config(cfg.model)
-        total = num_blocks_of(model_config)
+        total = self.num_blocks = num_blocks_of(model_config)
         if not 0 <= cfg.start < cfg.end <= total:
             raise ConfigurationError(
                 f"blocks {cfg.start}:{cfg.end} are outside the model: it has {total} blocks (0:{total})")
@@ -167,7 +167,7 @@ class BlockServer:
 
     async def _announce_once(self, ttl: float | None = None) -> None:
         assert self.store is not None
-        await announce(self.store, self.prefix, self.record(), ttl or 2 * self.config.update_period)
+        await announce(self.store, self.prefix, self.num_blocks, self.record(), ttl or 2 * self.config.update_period)
 
     async def _announce_loop(self) -> None:
         while True:

@@ -1,0 +1,125 @@
+"""``jupyter-swarm serve | status | demo``: the command line, wiring the layers together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from jupyter_swarm.errors import SwarmError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jupyter-swarm", description="Serve and use large language models split across a swarm of machines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm",
+                           description="Load blocks of MODEL and serve them until Ctrl-C. Prints the addresses "
+                                       "other peers can use as --initial-peers.")
+    serve.add_argument("model", help="a local model directory or a hub id")
+    peers = serve.add_mutually_exclusive_group(required=True)
+    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm (this server is its first peer)")
+    peers.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="addresses of peers already in the swarm")
+    serve.add_argument("--blocks", default=None, metavar="START:END",
+                       help="blocks to serve, e.g. 0:4 serves blocks 0-3 (default: every block)")
+    serve.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
+                       help="addresses to listen on (default: loopback, a free port); "
+                            "use /ip4/0.0.0.0/tcp/31337 to accept other machines")
+    serve.add_argument("--announce", nargs="+", default=[], metavar="MADDR",
+                       help="public addresses to advertise instead of the listen addresses")
+    serve.add_argument("--identity", default=None, metavar="PATH",
+                       help="Ed25519 key file; created if missing, so the peer id survives restarts")
+    serve.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    serve.add_argument("--cache-mib", type=int, default=512, help="attention cache budget in MiB (default 512)")
+    serve.add_argument("--max-session-length", type=int, default=8192, help="longest inference session in tokens")
+    serve.add_argument("--update-period", type=float, default=30.0, metavar="SECONDS",
+                       help="how often the server refreshes its records; they expire after twice this")
+    serve.add_argument("--model-prefix", default=None, help="name of the model in the swarm (default: the "
+                                                            "last component of MODEL)")
+    serve.add_argument("--throughput", type=float, default=None, help="announce this throughput instead of "
+                                                                      "measuring it")
+    serve.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads for this server")
+
+    status = sub.add_parser("status", help="show which servers hold which blocks",
+                            description="Print every model the swarm serves, its coverage and its servers.")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    status.add_argument("--model-prefix", default=None, help="show only this model")
+
+    demo = sub.add_parser("demo", help="run a local three-server swarm on this machine and generate through it",
+                          description="Create a small random Llama-style model (once, cached), start three "
+                                      "servers on loopback, generate text through them and shut down.")
+    demo.add_argument("--prompt", default="Once upon a time")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--workdir", default=None, help="where the demo model is cached "
+                                                      "(default ~/.cache/jupyter-swarm/demo)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jupyter-swarm`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "status":
+            return _status(args)
+        from jupyter_swarm.demo import run_demo
+
+        return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, workdir=args.workdir)
+    except SwarmError as e:
+        print(f"jupyter-swarm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from jupyter_swarm.models import load_model_config
+    from jupyter_swarm.runtime.server import BlockServer, ServerConfig, num_blocks_of, parse_blocks
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    total = num_blocks_of(load_model_config(args.model))
+    start, end = parse_blocks(args.blocks, total) if args.blocks else (0, total)
+    config = ServerConfig(
+        model=args.model, start=start, end=end, initial_peers=args.initial_peers or [], listen=args.listen,
+        announce_addrs=args.announce, identity_path=args.identity,
+        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
+        cache_bytes=args.cache_mib * 2**20, max_session_length=args.max_session_length,
+        update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput)
+    server = BlockServer(config)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    server.start()
+    print(f"serving blocks {start}:{end} of {server.prefix} ({total} blocks); connect with:", flush=True)
+    for address in server.addrs:
+        print(f"  {address}", flush=True)
+    print("ready", flush=True)
+    try:
+        server.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from jupyter_swarm.client.status import format_status, read_swarm_status
+
+    print(format_status(read_swarm_status(args.initial_peers, args.model_prefix)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

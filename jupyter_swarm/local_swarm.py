@@ -1,0 +1,126 @@
+"""A swarm of `jupyter-swarm serve` subprocesses on loopback, for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from jupyter_swarm.errors import SwarmError
+
+START_TIMEOUT = 120.0
+
+
+class ServerProcess:
+    """One `jupyter-swarm serve` subprocess and the addresses it printed."""
+
+    def __init__(self, model: str, start: int, end: int, *, initial_peers: Sequence[str] = (),
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None):
+        self.start_block, self.end_block = start, end
+        peers = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
+        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, "--blocks", f"{start}:{end}",
+                        *peers, *extra_args]
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
+        self.addrs: list[str] = []
+        self.output: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            stripped = line.strip()
+            if stripped.startswith("/ip4/") or stripped.startswith("/ip6/"):
+                self.addrs.append(stripped)
+            elif stripped == "ready":
+                self._ready.set()
+        self._ready.set()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.output.append(line)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> "ServerProcess":
+        if not self._ready.wait(timeout) or self.process.poll() is not None or not self.addrs:
+            self.process.kill()
+            raise SwarmError(f"server for blocks {self.start_block}:{self.end_block} did not start:\n"
+                             + "".join(self.output[-30:]))
+        return self
+
+    @property
+    def peer_id(self) -> str:
+        return self.addrs[0].rsplit("/p2p/", 1)[1]
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without saying goodbye."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT, like Ctrl-C; SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class LocalSwarm:
+    """Start servers for ``spans`` of ``model``; the first one starts the swarm, the others join it."""
+
+    def __init__(self, model: str, spans: Sequence[tuple[int, int]], *, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None):
+        self.model = model
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.servers: list[ServerProcess] = []
+        try:
+            first, *rest = spans
+            self.add_server(*first)
+            joining = [self.add_server(start, end, wait=False) for start, end in rest]  # start in parallel
+            for server in joining:
+                server.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def initial_peers(self) -> list[str]:
+        alive = [s for s in self.servers if s.process.poll() is None]
+        return [a for s in alive[:2] for a in s.addrs]
+
+    def add_server(self, start: int, end: int, *, wait: bool = True, extra_args: Sequence[str] = ()) -> ServerProcess:
+        """Start one more server joining this swarm."""
+        server = ServerProcess(self.model, start, end, initial_peers=self.initial_peers,
+                               extra_args=[*self.extra_args, *extra_args], env=self.env)
+        self.servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        for server in self.servers:
+            try:
+                server.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
