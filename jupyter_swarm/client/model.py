@@ -91,15 +91,29 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         Inside an open session, ``inputs`` are the tokens that follow what the session has already seen.
         """
-        if self.active_session is not None:
-            return super().generate(inputs, *args, **kwargs)
+        session = self.active_session
+        if session is not None:
+            return self._generate_in_session(session, inputs, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_length = input_ids.shape[1] if input_ids is not None else 1
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
         max_length = prompt_length + max_new if max_new else (kwargs.get("max_length") or config.max_length)
-        with self.inference_session(max_length=max_length):
-            return super().generate(inputs, *args, **kwargs)
+        with self.inference_session(max_length=max_length) as session:
+            return self._generate_in_session(session, inputs, *args, **kwargs)
+
+    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args: Any,
+                             **kwargs: Any) -> Any:
+        # generate() never feeds the token it produced last; the next call in the same session must.
+        carried = session.last_token_ids
+        if carried is not None and inputs is not None:
+            inputs = torch.cat([carried, inputs], dim=1)
+        result = super().generate(inputs, *args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.ndim == 2:
+            session.last_token_ids = result[:, -1:]
+            if carried is not None and inputs is not None:
+                result = result[:, 1:]
+        return result
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search reorders hypotheses: the servers reorder their caches at the next step."""

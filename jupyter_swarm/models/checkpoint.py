@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -31,7 +31,7 @@ class Checkpoint:
         weight_map: checkpoint tensor name -> file name (relative to the checkpoint root).
     """
 
-    def __init__(self, model: str, fetch: Callable[[str], str | None], weight_map: dict[str, str]):
+    def __init__(self, model: str, fetch: _LocalFiles | _HubFiles, weight_map: dict[str, str]):
         self.model = model
         self.weight_map = weight_map
         self._fetch = fetch
@@ -39,20 +39,23 @@ class Checkpoint:
     @classmethod
     def open(cls, model: str) -> Checkpoint:
         """Find the weight files of ``model`` (reads only index files or safetensors headers)."""
-        fetch = _local_fetcher(model) if is_local_model(model) else _hub_fetcher(model)
-        if (index := fetch(SAFETENSORS_INDEX)) or (index := fetch(BIN_INDEX)):
-            with open(index, encoding="utf-8") as f:
-                weight_map = dict(json.load(f)["weight_map"])
+        fetch = _LocalFiles(model) if is_local_model(model) else _HubFiles(model)
+        if index := fetch(SAFETENSORS_INDEX):
+            weight_map = _read_index(index)
         elif path := fetch(SAFETENSORS_FILE):
             with safe_open(path, framework="pt") as f:
                 weight_map = {name: SAFETENSORS_FILE for name in f.keys()}
+        elif index := fetch(BIN_INDEX):
+            weight_map = _read_index(index)
         elif path := fetch(BIN_FILE):
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             weight_map = {name: BIN_FILE for name in state}
         else:
             raise ConfigurationError(
                 f"no weights found for {model!r}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_FILE}, "
-                f"{BIN_INDEX} or {BIN_FILE}")
+                f"{BIN_INDEX} or {BIN_FILE}"
+                + (" (the hub could not be reached and they are not in the local hub cache)" if fetch.unreachable
+                   else ""))
         return cls(model, fetch, weight_map)
 
     @property
@@ -118,24 +121,40 @@ def check_materialised(module: torch.nn.Module, what: str) -> None:
         raise ConfigurationError(f"{what}: no weights were loaded for {', '.join(left)}")
 
 
-def _local_fetcher(model: str) -> Callable[[str], str | None]:
-    root = os.path.expanduser(model)
+def _read_index(path: str) -> dict[str, str]:
+    with open(path, encoding="utf-8") as f:
+        return dict(json.load(f)["weight_map"])
 
-    def fetch(file_name: str) -> str | None:
-        path = os.path.join(root, file_name)
+
+class _LocalFiles:
+    """Files of a checkpoint directory."""
+
+    def __init__(self, model: str):
+        self.root = os.path.expanduser(model)
+        self.unreachable = False
+
+    def __call__(self, file_name: str) -> str | None:
+        path = os.path.join(self.root, file_name)
         return path if os.path.isfile(path) else None
 
-    return fetch
 
+class _HubFiles:
+    """Files of a hub repository, downloaded (or taken from the local hub cache) on first use."""
 
-def _hub_fetcher(model: str) -> Callable[[str], str | None]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    def __init__(self, model: str):
+        self.model = model
+        self.unreachable = False  # set when a file was neither cached nor downloadable (offline?)
 
-    def fetch(file_name: str) -> str | None:
+    def __call__(self, file_name: str) -> str | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
         try:
-            return hf_hub_download(repo_id=model, filename=file_name)
-        except EntryNotFoundError:  # includes LocalEntryNotFoundError (offline and not cached)
+            return hf_hub_download(repo_id=self.model, filename=file_name)
+        except LocalEntryNotFoundError:  # offline, or the hub is unreachable, and the file is not cached
+            self.unreachable = True
             return None
-
-    return fetch
+        except EntryNotFoundError:  # the repository has no such file
+            return None
+        except (OSError, ValueError) as e:  # missing or gated repository, network errors, invalid ids
+            raise ConfigurationError(f"cannot download {file_name} of {self.model!r}: {e}") from e

@@ -126,10 +126,11 @@ def _add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tens
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Make ``family`` serve its ``model_types``; returns it (so a module can write ``FAMILY = register_family(...)``)."""
+    """Make ``family`` serve its ``model_types``; returns it, so a module can write ``X = register_family(...)``."""
     for model_type in family.model_types:
         if model_type in _REGISTRY and type(_REGISTRY[model_type]) is not type(family):
-            raise ConfigurationError(f"model_type {model_type!r} is already served by family {_REGISTRY[model_type].name!r}")
+            raise ConfigurationError(
+                f"model_type {model_type!r} is already served by family {_REGISTRY[model_type].name!r}")
         _REGISTRY[model_type] = family
     return family
 

@@ -116,7 +116,7 @@ class BlockSpan(nn.Module):
             past_length = cache.length
         if prompts is not None:
             if past_length > 0:
-                pass  # the prompt positions are already in the cache
+                prompts = None  # the prompt positions are already in the cache
             else:
                 self._check_prompts(prompts, batch_size)
         input_dtype = hidden_states.dtype

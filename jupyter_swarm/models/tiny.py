@@ -79,7 +79,8 @@ def make_tiny_model(path: str, *, family: str = "llama", seed: int = 0, hidden_s
     if _made_with(path, args):
         return path
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
-        raise ConfigurationError(f"{path} is a non-empty directory not made by make_tiny_model; refusing to overwrite it")
+        raise ConfigurationError(
+            f"{path} is a non-empty directory not made by make_tiny_model; refusing to overwrite it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     build_dir = tempfile.mkdtemp(prefix=".tiny-build-", dir=parent)

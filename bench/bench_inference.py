@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Greedy generation speed through loopback swarms of 2 and 3 servers, against local generation on the same weights.
+
+    python bench/bench_inference.py                       # 2- and 3-server swarms, 64 new tokens, 5 reps
+    python bench/bench_inference.py --servers 2 --reps 9 --json bench/results/inference.json
+    python bench/bench_inference.py --profile             # also break the per-token time down (client + servers)
+
+For each swarm size the script starts `jupyter-swarm serve` subprocesses on loopback (blocks split evenly), connects
+an AutoDistributedModelForCausalLM, warms both models up, then alternates local and swarm generate() calls (the
+machine is shared and noisy, so both sides see the same conditions) and reports median tokens/s and swarm/local.
+The swarm's tokens are checked against the local model's (greedy, float32: they must be identical).
+
+Tokens/s is end to end: new tokens / wall time of one generate() call, which includes the prompt's forward pass
+and, for the swarm, opening the inference session on every server. The "decode" rate leaves out the first token.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_CACHE = BENCH_DIR / "results" / "models"
+
+#: the benchmark model: Llama-shaped, ~26.4M float32 parameters. intermediate_size=1376 is Llama's MLP ratio
+#: (~2.69 x hidden, as 11008/4096); make_tiny_model's default (2 x hidden = 1024) would give ~22.0M.
+MODEL = dict(family="llama", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, vocab_size=4096,
+             intermediate_size=1376, seed=0)
+PROMPT = "Once upon a time there was a little model that lived in a notebook."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per generate() call")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length (batch 1)")
+    p.add_argument("--reps", type=int, default=5, help="measured generate() calls per side and swarm size")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured generate() calls per side first")
+    p.add_argument("--servers", type=int, nargs="+", default=[2, 3], help="swarm sizes to measure")
+    p.add_argument("--client-threads", type=int, default=1,
+                   help="torch threads of this process (local baseline and the swarm client alike); 0 = torch's "
+                        "default")
+    p.add_argument("--server-threads", type=int, default=1,
+                   help="--torch-threads of every server; 0 = do not pass it (torch's default)")
+    p.add_argument("--update-period", type=float, default=30.0, help="--update-period of every server")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the benchmark model is made (once)")
+    p.add_argument("--profile", action="store_true",
+                   help="time every step on the client and the servers and print where the per-token time goes")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
+        p.error("need --reps >= 1, --new-tokens >= 2, --prompt-tokens >= 1")
+    if any(not 1 <= n <= MODEL["num_layers"] for n in args.servers):
+        p.error(f"--servers must be in 1..{MODEL['num_layers']}")
+    return args
+
+
+def spans_for(num_servers: int, num_blocks: int) -> list[tuple[int, int]]:
+    """Consecutive spans, as even as possible, larger ones first: 2 -> (0,4),(4,8); 3 -> (0,3),(3,6),(6,8)."""
+    size = math.ceil(num_blocks / num_servers)
+    spans, start = [], 0
+    for i in range(num_servers):
+        end = min(num_blocks, start + size) if i < num_servers - 1 else num_blocks
+        spans.append((start, end))
+        start = end
+    if any(s >= e for s, e in spans):
+        raise SystemExit(f"cannot split {num_blocks} blocks into {num_servers} non-empty spans")
+    return spans
+
+
+class TokenTimes:
+    """A generate() streamer that notes when each new token arrives (the first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model: Any, input_ids: Any, new_tokens: int) -> dict[str, Any]:
+    import torch
+
+    streamer = TokenTimes()
+    began = time.perf_counter()
+    with torch.inference_mode():
+        # min_new_tokens: a random model may emit </s>; every call must produce exactly new_tokens tokens
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=streamer)
+    elapsed = time.perf_counter() - began
+    tokens = out[0, input_ids.shape[1]:].tolist()
+    assert len(tokens) == new_tokens, f"generated {len(tokens)} tokens, expected {new_tokens}"
+    times = streamer.times
+    return {"seconds": elapsed, "tokens_per_s": new_tokens / elapsed, "first_token_s": times[0] - began,
+            "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]), "tokens": tokens}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt_rates(runs: list[dict[str, Any]], key: str = "tokens_per_s") -> str:
+    values = [r[key] for r in runs]
+    return f"median {median(values):6.1f}  (min {min(values):.1f}, max {max(values):.1f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from jupyter_swarm import AutoDistributedModelForCausalLM
+    from jupyter_swarm.local_swarm import LocalSwarm
+    from jupyter_swarm.models import make_tiny_model
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.client_threads:
+        torch.set_num_threads(args.client_threads)
+    tag = "llama-h{hidden_size}-l{num_layers}-i{intermediate_size}-v{vocab_size}-s{seed}".format(**MODEL)
+    path = make_tiny_model(os.path.join(args.cache_dir, tag), **MODEL)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    num_params = sum(p.numel() for p in local.parameters())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, :args.prompt_tokens]
+    if input_ids.shape[1] < args.prompt_tokens:
+        raise SystemExit(f"the built-in prompt has only {input_ids.shape[1]} tokens; use --prompt-tokens <= that")
+
+    server_args = ["--update-period", str(args.update_period)]
+    if args.server_threads:
+        server_args += ["--torch-threads", str(args.server_threads)]
+    print(f"model: {tag}, {num_params / 1e6:.1f}M params float32, in {path}")
+    print(f"batch 1, prompt {input_ids.shape[1]} tokens, {args.new_tokens} new tokens greedy; "
+          f"{args.warmup} warm-up + {args.reps} measured calls per side, local and swarm alternating")
+    print(f"threads: this process (local and swarm client) {torch.get_num_threads()}, "
+          f"servers {args.server_threads or 'torch default'}; cpus {os.cpu_count()}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+          flush=True)
+
+    profile = None
+    profile_dir = None
+    env: dict[str, str] = {}
+    if args.profile:
+        sys.path.insert(0, str(BENCH_DIR))
+        from profile_hooks import ClientProfile, install_client_hooks
+
+        profile = ClientProfile()
+        stale = install_client_hooks(profile, local)
+        if stale:
+            print(f"WARNING: the package changed since bench/profile_hooks.py copied {stale}; "
+                  "the profile may not match the package code")
+        profile_dir = tempfile.mkdtemp(prefix="bench-profile-")
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR / "server_hook"),
+                                                            os.environ.get("PYTHONPATH")]))}
+
+    results: dict[str, Any] = {
+        "model": {**MODEL, "path": path, "params": num_params, "dtype": "float32"},
+        "settings": {"new_tokens": args.new_tokens, "prompt_tokens": int(input_ids.shape[1]), "reps": args.reps,
+                     "warmup": args.warmup, "client_threads": torch.get_num_threads(),
+                     "server_threads": args.server_threads or None, "update_period": args.update_period},
+        "machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "swarms": [],
+    }
+    all_match = True
+    for num_servers in args.servers:
+        spans = spans_for(num_servers, MODEL["num_layers"])
+        print(f"\n== {num_servers} servers, spans {' '.join(f'{s}:{e}' for s, e in spans)} ==", flush=True)
+        began = time.perf_counter()
+        run_env = dict(env)
+        if profile_dir:
+            run_env["JUPYTER_SWARM_BENCH_PROFILE"] = os.path.join(profile_dir, f"servers{num_servers}")
+        with LocalSwarm(path, spans, extra_args=server_args, env=run_env or None) as swarm:
+            model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+            try:
+                print(f"swarm up and client connected in {time.perf_counter() - began:.1f} s", flush=True)
+                for _ in range(args.warmup):
+                    timed_generate(local, input_ids, args.new_tokens)
+                    timed_generate(model, input_ids, args.new_tokens)
+                if profile:
+                    profile.reset()
+                measured_since = time.time()
+                local_runs, swarm_runs = [], []
+                for rep in range(args.reps):
+                    order = ("local", "swarm") if rep % 2 == 0 else ("swarm", "local")  # no fixed first mover
+                    for side in order:
+                        if side == "local":
+                            local_runs.append(timed_generate(local, input_ids, args.new_tokens))
+                        else:
+                            swarm_runs.append(timed_generate(model, input_ids, args.new_tokens))
+                    print(f"  rep {rep + 1}/{args.reps}: local {local_runs[-1]['tokens_per_s']:6.1f} tok/s, "
+                          f"swarm {swarm_runs[-1]['tokens_per_s']:6.1f} tok/s", flush=True)
+                routes = [f"{r.start}:{r.end}" for r in model.swarm.read_map().online()]
+            finally:
+                model.close()
+        server_files = sorted(glob.glob(os.path.join(profile_dir, f"servers{num_servers}.*.json"))) \
+            if profile_dir else []
+
+        reference = local_runs[0]["tokens"]
+        mismatches = [i for i, r in enumerate(local_runs + swarm_runs) if r["tokens"] != reference]
+        match = not mismatches
+        all_match &= match
+        local_tps = median([r["tokens_per_s"] for r in local_runs])
+        swarm_tps = median([r["tokens_per_s"] for r in swarm_runs])
+        local_dec = median([r["decode_tokens_per_s"] for r in local_runs])
+        swarm_dec = median([r["decode_tokens_per_s"] for r in swarm_runs])
+        print(f"local  tokens/s {fmt_rates(local_runs)}   first token {1000 * median([r['first_token_s'] for r in local_runs]):.1f} ms")
+        print(f"swarm  tokens/s {fmt_rates(swarm_runs)}   first token {1000 * median([r['first_token_s'] for r in swarm_runs]):.1f} ms")
+        print(f"ratio swarm/local: {swarm_tps / local_tps:.3f} end to end, {swarm_dec / local_dec:.3f} decode only "
+              f"(decode tokens/s: local {local_dec:.1f}, swarm {swarm_dec:.1f})")
+        if match:
+            print(f"tokens: swarm == local in all {len(swarm_runs)} swarm and {len(local_runs)} local calls")
+        else:
+            first_bad = (local_runs + swarm_runs)[mismatches[0]]["tokens"]
+            pos = next(i for i, (a, b) in enumerate(zip(reference, first_bad)) if a != b)
+            print(f"TOKENS DIFFER: {len(mismatches)} calls differ from the first local one (first at token {pos})")
+        entry: dict[str, Any] = {
+            "servers": num_servers, "spans": spans, "online_spans": routes,
+            "local_tokens_per_s": local_tps, "swarm_tokens_per_s": swarm_tps, "ratio": swarm_tps / local_tps,
+            "local_decode_tokens_per_s": local_dec, "swarm_decode_tokens_per_s": swarm_dec,
+            "decode_ratio": swarm_dec / local_dec, "tokens_match": match,
+            "local_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in local_runs],
+            "swarm_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in swarm_runs],
+            "tokens": reference,
+        }
+        if profile:
+            from profile_summary import summarize  # bench/ is on sys.path with --profile
+
+            entry["profile"] = summarize(profile, server_files, measured_since, num_servers, args.new_tokens,
+                                         local_runs, swarm_runs)
+        results["swarms"].append(entry)
+
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["tokens_match"] = all_match
+    print("\n== summary (median tokens/s, end to end) ==")
+    for e in results["swarms"]:
+        print(f"{e['servers']} servers: local {e['local_tokens_per_s']:6.1f}  swarm {e['swarm_tokens_per_s']:6.1f}  "
+              f"ratio {e['ratio']:.3f}  (decode only {e['decode_ratio']:.3f})  "
+              f"tokens {'match' if e['tokens_match'] else 'DIFFER'}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cpus)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    if not all_match:
+        print("FAILED: the swarm's tokens differ from local generation", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
