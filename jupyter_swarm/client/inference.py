@@ -153,8 +153,8 @@ class InferenceSession:
         stream = await self.swarm.node.open_stream(route.peer_id, INFERENCE)
         try:
             with trio.fail_after(self.step_timeout):
-                await stream.send(pack({"type": "open", "max_length": self.max_length,
-                                        "batch_size": self.batch_size}))
+                await stream.send(pack({"type": "open", "max_length": self.max_length, "batch_size": self.batch_size,
+                                        "start": route.start, "end": route.end}))
                 unpack(await stream.recv(), "opened")
         except BaseException as e:
             await stream.reset()

@@ -94,7 +94,7 @@ class RemoteBlocks:
     async def _request(self, route: SpanRoute, kind: str, hidden: torch.Tensor, prompts: torch.Tensor | None,
                        grad_output: torch.Tensor | None = None) -> dict[str, Any]:
         message: dict[str, Any] = {"type": kind, "hidden": encode_tensor(hidden, self.compression),
-                                   "compression": self.compression.value}
+                                   "compression": self.compression.value, "start": route.start, "end": route.end}
         if prompts is not None:
             message["prompts"] = encode_tensor(prompts, self.compression)
         if grad_output is not None:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import trio
+from libp2p.peer.id import ID
 
 from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.p2p.framing import FramedStream
@@ -30,6 +31,7 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_ENTRIES = 100_000
 MAX_KEYS_PER_GET = 4096
 REQUEST_TIMEOUT = 5.0
+FAILED_PEER_SECONDS = 30.0
 
 
 def _distance(a: bytes, b: bytes) -> int:
@@ -74,15 +76,36 @@ class RecordStore:
     def __init__(self, node: P2PNode, *, serve: bool = True):
         self.node = node
         self.local = LocalRecords()
+        self._answered: set[str] = set()
+        self._failing: dict[str, float] = {}
         if serve:
             node.set_handler(PROTOCOL, self._handle)
 
     # ---- which peers hold a key ---------------------------------------------------------------
     def _candidates(self) -> set[str]:
-        peers = set(self.node.connected_peers())
+        """Peers believed to hold records: they speak this protocol (per identify, or they answered us).
+
+        Clients sit in routing tables too but store nothing, and peers that just failed us are skipped,
+        so neither can crowd the live servers out of a key's replica set.
+        """
+        connected = set(self.node.connected_peers())
+        peers = set(connected)
         if self.node.dht is not None:
             peers.update(str(p) for p in self.node.dht.routing_table.get_peer_ids())
-        return peers
+        now = time.monotonic()
+        failing = {p for p, until in self._failing.items() if until > now}
+        good = {p for p in peers if p in self._answered or self._speaks_protocol(p)} - failing
+        return good or (connected - failing)
+
+    def _speaks_protocol(self, peer_id: str) -> bool:
+        try:
+            return PROTOCOL in self.node.host.get_peerstore().get_protocols(ID.from_base58(peer_id))
+        except Exception:  # noqa: BLE001 - unknown peer: no protocols known yet
+            return False
+
+    def _peer_failed(self, peer_id: str) -> None:
+        self._answered.discard(peer_id)
+        self._failing[peer_id] = time.monotonic() + FAILED_PEER_SECONDS
 
     def replicas_for(self, key: str, *, include_self: bool) -> list[str]:
         """The REPLICAS peers closest to ``key`` that this peer knows of."""
@@ -116,10 +139,12 @@ class RecordStore:
                     reply = await self.node.request(
                         peer, PROTOCOL, pack({"type": "store", "values": batch, "ttl": ttl}), REQUEST_TIMEOUT)
                     unpack(reply, "stored")
+                    self._answered.add(peer)
                 for key in batch:
                     stored[key] += 1
             except (SwarmError, trio.TooSlowError) as e:
                 logger.debug("could not store records at %s: %r", peer, e)
+                self._peer_failed(peer)
 
         async with trio.open_nursery() as nursery:
             for peer, batch in by_peer.items():
@@ -148,6 +173,7 @@ class RecordStore:
                 reply = unpack(await self.node.request(
                     peer, PROTOCOL, pack({"type": "get", "keys": peer_keys}), REQUEST_TIMEOUT), "found")
                 found = field(reply, "records", dict)
+                self._answered.add(peer)
                 for key, entries in found.items():
                     if key in merged and isinstance(entries, dict):
                         merge(key, {str(s): (bytes(v[0]), float(v[1])) for s, v in entries.items()
@@ -155,6 +181,7 @@ class RecordStore:
                                     and isinstance(v[1], (int, float))})
             except (SwarmError, trio.TooSlowError) as e:
                 logger.debug("could not read records from %s: %r", peer, e)
+                self._peer_failed(peer)
 
         async with trio.open_nursery() as nursery:
             for peer, peer_keys in by_peer.items():

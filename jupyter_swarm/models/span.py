@@ -80,6 +80,27 @@ class BlockSpan(nn.Module):
         check_materialised(span, f"blocks {start}:{end} of {model!r}")
         return span.requires_grad_(False).eval()
 
+    def narrow(self, start: int, end: int) -> BlockSpan:
+        """Blocks ``[start, end)`` of this span as a span of their own, sharing this span's weights (no copy).
+
+        A server uses it when a client's route needs only part of the server's span.
+        """
+        if (start, end) == (self.start, self.end):
+            return self
+        if not self.start <= start < end <= self.end:
+            raise ConfigurationError(
+                f"blocks {start}:{end} are not inside this server's span {self.start}:{self.end}")
+        span_config = self.family.span_config(self.config, start, end)
+        with torch.device("meta"):
+            blocks = nn.ModuleList(self.family.make_block(span_config, i) for i in range(end - start))
+        for i, block in enumerate(blocks):
+            block.load_state_dict(self.blocks[start - self.start + i].state_dict(), strict=True, assign=True)
+        with torch.device(self.device):
+            position_module = self.family.make_position_module(span_config)
+        view = BlockSpan(self.config, self.family, start, end, blocks, position_module, dtype=self.dtype,
+                         device=self.device)
+        return view.requires_grad_(False).eval()
+
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
         """An empty cache for a session of ``batch_size`` rows and at most ``max_length`` tokens."""
         return SpanCache(self.span_config, start=self.start, end=self.end, batch_size=batch_size,

@@ -170,12 +170,16 @@ class BlockServer:
         await announce(self.store, self.prefix, self.num_blocks, self.record(), ttl or 2 * self.config.update_period)
 
     async def _announce_loop(self) -> None:
+        period = self.config.update_period
         while True:
-            try:
-                await self._announce_once()
-            except Exception:  # noqa: BLE001 - a failed refresh is retried next period
-                logger.exception("could not refresh this server's records")
-            await trio.sleep(self.config.update_period)
+            began = trio.current_time()
+            # A replica that went silent must not delay the next refresh past our records' expiry.
+            with trio.move_on_after(period):
+                try:
+                    await self._announce_once()
+                except Exception:  # noqa: BLE001 - a failed refresh is retried next period
+                    logger.exception("could not refresh this server's records")
+            await trio.sleep_until(began + period)
 
     def run_forever(self) -> None:
         """Block until :meth:`stop` is called (e.g. from a signal handler)."""

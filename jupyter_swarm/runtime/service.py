@@ -20,6 +20,7 @@ from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
 from jupyter_swarm.runtime.validation import InvalidRequestError, check_hidden, check_prompts
 from jupyter_swarm.wire.messages import error_message, field as message_field, pack, unpack
+from jupyter_swarm.wire.protocols import MAX_BATCH_SIZE
 from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,18 @@ class SpanService:
         self.step_timeout = step_timeout
         self.stats = ServiceStats()
         self._compute = trio.CapacityLimiter(1)
+        self._views: dict[tuple[int, int], BlockSpan] = {}
+
+    def view(self, message: dict[str, Any]) -> BlockSpan:
+        """The blocks a request asks for (``start``/``end``, default: the whole span), sharing the span's weights."""
+        start = message_field(message, "start", int, self.span.start)
+        end = message_field(message, "end", int, self.span.end)
+        if not self.span.start <= start < end <= self.span.end:
+            raise InvalidRequestError(
+                f"blocks {start}:{end} are not served here; this server holds blocks {self.span.start}:{self.span.end}")
+        if (start, end) not in self._views:
+            self._views[(start, end)] = self.span.narrow(start, end)
+        return self._views[(start, end)]
 
     def cache_tokens_left(self) -> int:
         """How many more tokens (batch 1) the cache budget can hold."""
@@ -84,13 +97,14 @@ class SpanService:
             return pack({"type": "info", "start": self.span.start, "end": self.span.end,
                          "dtype": str(self.span.dtype).removeprefix("torch."),
                          "cache_tokens_left": self.cache_tokens_left()})
-        compression = Compression(message_field(message, "compression", str, "none"))
+        span = self.view(message)
+        compression = _compression(message)
         hidden = decode_tensor(message_field(message, "hidden", dict))
-        check_hidden(hidden, hidden_size=self.span.hidden_size, dtype=self.span.dtype)
-        prompts = self._prompts(message, hidden)
+        check_hidden(hidden, hidden_size=span.hidden_size, dtype=span.dtype)
+        prompts = self._prompts(message, hidden, span)
         if kind == "forward":
             self.stats.forward_requests += 1
-            out = await self._run(self._forward, hidden, prompts)
+            out = await self._run(self._forward, span, hidden, prompts)
             return pack({"type": "forward_result", "hidden": encode_tensor(out, compression)})
         grad_output = decode_tensor(message_field(message, "grad_output", dict))
         if grad_output.shape != hidden.shape:
@@ -98,35 +112,37 @@ class SpanService:
                 f"grad_output shape {list(grad_output.shape)} must equal the hidden states' {list(hidden.shape)}")
         check_hidden(grad_output, hidden_size=self.span.hidden_size, dtype=self.span.dtype, name="grad_output")
         self.stats.backward_requests += 1
-        grad_hidden, grad_prompts = await self._run(self._backward, hidden, grad_output, prompts)
+        grad_hidden, grad_prompts = await self._run(self._backward, span, hidden, grad_output, prompts)
         reply: dict[str, Any] = {"type": "backward_result", "grad_hidden": encode_tensor(grad_hidden, compression)}
         if grad_prompts is not None:
             reply["grad_prompts"] = encode_tensor(grad_prompts, compression)
         return pack(reply)
 
-    def _prompts(self, message: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | None:
+    def _prompts(self, message: dict[str, Any], hidden: torch.Tensor, span: BlockSpan) -> torch.Tensor | None:
         raw = message_field(message, "prompts", dict, None)
         if raw is None:
             return None
         prompts = decode_tensor(raw)
-        check_prompts(prompts, num_blocks=self.span.num_blocks, batch=hidden.shape[0], seq=hidden.shape[1],
-                      hidden_size=self.span.hidden_size, dtype=self.span.dtype)
+        check_prompts(prompts, num_blocks=span.num_blocks, batch=hidden.shape[0], seq=hidden.shape[1],
+                      hidden_size=span.hidden_size, dtype=span.dtype)
         return prompts
 
-    def _forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _forward(span: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span(hidden.to(self.span.device), prompts=_to(prompts, self.span.device)).cpu()
+            return span(hidden.to(span.device), prompts=_to(prompts, span.device)).cpu()
 
-    def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor,
+    @staticmethod
+    def _backward(span: BlockSpan, hidden: torch.Tensor, grad_output: torch.Tensor,
                   prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.enable_grad():
-            hidden = hidden.to(self.span.device).requires_grad_(True)
+            hidden = hidden.to(span.device).requires_grad_(True)
             inputs = [hidden]
             if prompts is not None:
-                prompts = prompts.to(self.span.device).requires_grad_(True)
+                prompts = prompts.to(span.device).requires_grad_(True)
                 inputs.append(prompts)
-            out = self.span(hidden, prompts=prompts)
-            grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(self.span.device))
+            out = span(hidden, prompts=prompts)
+            grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(span.device))
         return grads[0].cpu(), (grads[1].cpu() if prompts is not None else None)
 
     # ---- inference sessions -------------------------------------------------------------------------
@@ -140,9 +156,10 @@ class SpanService:
             if not 0 < max_length <= self.max_session_length:
                 raise InvalidRequestError(
                     f"max_length must be in 1..{self.max_session_length} on this server, got {max_length}")
-            if not 0 < batch_size <= 256:
-                raise InvalidRequestError(f"batch_size must be in 1..256, got {batch_size}")
-            reservation = self.budget.reserve(self.span.cache_bytes(batch_size, max_length))
+            if not 0 < batch_size <= MAX_BATCH_SIZE:
+                raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
+            span = self.view(opening)
+            reservation = self.budget.reserve(span.cache_bytes(batch_size, max_length))
         except trio.TooSlowError:
             return
         except (ProtocolError, RemoteError, CacheFullError) as e:
@@ -152,14 +169,14 @@ class SpanService:
         self.stats.sessions_opened += 1
         self.stats.open_sessions += 1
         try:
-            cache = self.span.new_cache(batch_size, max_length)
+            cache = span.new_cache(batch_size, max_length)
             await stream.send(pack({"type": "opened", "max_length": max_length}))
-            await self._serve_session(stream, cache, batch_size)
+            await self._serve_session(stream, span, cache, batch_size)
         finally:
             self.stats.open_sessions -= 1
             reservation.release()
 
-    async def _serve_session(self, stream: FramedStream, cache: Any, batch_size: int) -> None:
+    async def _serve_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int) -> None:
         while True:
             with trio.move_on_after(self.session_timeout) as idle:
                 try:
@@ -170,7 +187,7 @@ class SpanService:
                 await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
                 return
             try:
-                reply = await self._step(unpack(payload, "step"), cache, batch_size)
+                reply = await self._step(unpack(payload, "step"), span, cache, batch_size)
             except SwarmError as e:
                 self.stats.errors += 1
                 reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
@@ -180,10 +197,10 @@ class SpanService:
                 reply = error_message(f"server error: {e!r}")
             await stream.send(reply)
 
-    async def _step(self, message: dict[str, Any], cache: Any, batch_size: int) -> bytes:
-        compression = Compression(message_field(message, "compression", str, "none"))
+    async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int) -> bytes:
+        compression = _compression(message)
         hidden = decode_tensor(message_field(message, "hidden", dict))
-        check_hidden(hidden, hidden_size=self.span.hidden_size, dtype=self.span.dtype)
+        check_hidden(hidden, hidden_size=span.hidden_size, dtype=span.dtype)
         if hidden.shape[0] != batch_size:
             raise InvalidRequestError(f"this session was opened for batch {batch_size}, got batch {hidden.shape[0]}")
         position = message_field(message, "position", int)
@@ -198,17 +215,26 @@ class SpanService:
         if beam is not None and (beam.ndim != 1 or beam.numel() != batch_size or beam.dtype != torch.int64
                                  or bool((beam < 0).any()) or bool((beam >= batch_size).any())):
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
-        prompts = self._prompts(message, hidden)
-        out = await self._run(self._inference_step, hidden, cache, beam, prompts)
+        prompts = self._prompts(message, hidden, span)
+        out = await self._run(self._inference_step, span, hidden, cache, beam, prompts)
         self.stats.inference_steps += 1
         return pack({"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length})
 
-    def _inference_step(self, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
+    @staticmethod
+    def _inference_step(span: BlockSpan, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
                         prompts: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode():
             if beam is not None:
-                cache.reorder(beam.to(self.span.device))
-            return self.span(hidden.to(self.span.device), cache=cache, prompts=_to(prompts, self.span.device)).cpu()
+                cache.reorder(beam.to(span.device))
+            return span(hidden.to(span.device), cache=cache, prompts=_to(prompts, span.device)).cpu()
+
+
+def _compression(message: dict[str, Any]) -> Compression:
+    name = message_field(message, "compression", str, "none")
+    try:
+        return Compression(name)
+    except ValueError:
+        raise InvalidRequestError(f"unknown compression {name!r}; use one of {[c.value for c in Compression]}") from None
 
 
 def _to(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:

@@ -1,0 +1,89 @@
+"""Servers die, clients route around them; dead servers vanish from the swarm map."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+
+from jupyter_swarm.client.status import format_status, read_swarm_status
+from tests.integration.conftest import start_swarm
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 7, 230, 11]])
+
+
+class _KillMidGeneration:
+    """A generate() streamer that SIGKILLs the server holding ``block`` after ``after`` tokens."""
+
+    def __init__(self, model, swarm, block: int, after: int):
+        self.model, self.swarm, self.block, self.after = model, swarm, block, after
+        self.count = 0
+        self.killed: str | None = None
+
+    def put(self, value) -> None:
+        self.count += 1
+        if self.count == self.after:
+            route = next(r for r in self.model.active_session.routes if r.start <= self.block < r.end)
+            server = next(s for s in self.swarm.servers if s.peer_id == route.peer_id)
+            server.kill()
+            self.killed = route.peer_id
+
+    def end(self) -> None:
+        pass
+
+
+def test_sigkill_mid_generation_recovers_with_same_tokens(model_path, connect, local_model):
+    path = model_path("llama")
+    # blocks 2-3 are held by two servers; the spare (1:4) also covers them from a different start
+    with start_swarm(path, [(0, 2), (2, 4), (1, 4)]) as swarm:
+        model = connect(path, swarm)
+        killer = _KillMidGeneration(model, swarm, block=3, after=10)
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(PROMPT, max_new_tokens=40, do_sample=False, streamer=killer)
+            assert killer.killed is not None
+            assert session.failovers >= 1
+            assert all(r.peer_id != killer.killed for r in session.routes)
+        expected = local_model(path).generate(PROMPT, max_new_tokens=40, do_sample=False)
+        assert got.tolist() == expected.tolist()
+
+
+def test_forward_retries_on_another_server(model_path, connect, local_model):
+    path = model_path("llama")
+    with start_swarm(path, [(0, 4), (0, 4)]) as swarm:
+        model = connect(path, swarm)
+        batch = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            model(batch)  # warms up the streams to one of them
+            swarm.servers[0].kill()
+            got = model(batch).logits
+            swarm.servers[1].process.poll()
+            expected = local_model(path)(batch).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dead_server_disappears_from_status(model_path):
+    path = model_path("llama")
+    with start_swarm(path, [(0, 2), (2, 4)]) as swarm:
+        peers = swarm.initial_peers[:1]
+        victim = swarm.servers[1]
+        status = read_swarm_status(peers)
+        assert set(status) == {"llama"}
+        assert victim.peer_id in status["llama"].servers
+        assert status["llama"].missing_blocks() == []
+        cli = subprocess.run([sys.executable, "-m", "jupyter_swarm.cli", "status", "--initial-peers", *peers],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert victim.peer_id in cli.stdout and "all blocks covered" in cli.stdout
+
+        victim.kill()  # no goodbye: its records must expire on their own (update period 2 s -> TTL 4 s)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status = read_swarm_status(peers)
+            if victim.peer_id not in status["llama"].servers:
+                break
+            time.sleep(1)
+        assert victim.peer_id not in status["llama"].servers
+        assert status["llama"].missing_blocks() == [2, 3]
+        assert "MISSING blocks [2, 3]" in format_status(status)
