@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-threads", type=int, default=1,
                    help="--torch-threads of every server; 0 = do not pass it (torch's default)")
     p.add_argument("--update-period", type=float, default=30.0, help="--update-period of every server")
+    p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="environment variables for this process and every server, e.g. PY_YAMUX_RELEASE_ON_READ=0")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the benchmark model is made (once)")
     p.add_argument("--profile", action="store_true",
                    help="time every step on the client and the servers and print where the per-token time goes")
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --reps >= 1, --new-tokens >= 2, --prompt-tokens >= 1")
     if any(not 1 <= n <= MODEL["num_layers"] for n in args.servers):
         p.error(f"--servers must be in 1..{MODEL['num_layers']}")
+    if any("=" not in item for item in args.env):
+        p.error("--env takes KEY=VALUE items")
+    args.env = dict(item.split("=", 1) for item in args.env)
     return args
 
 
@@ -123,6 +129,7 @@ def fmt_rates(runs: list[dict[str, Any]], key: str = "tokens_per_s") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.update(args.env)  # before torch and libp2p are imported; servers get them through LocalSwarm
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     from jupyter_swarm import AutoDistributedModelForCausalLM
     from jupyter_swarm.local_swarm import LocalSwarm
     from jupyter_swarm.models import make_tiny_model
+
+    sys.path.insert(0, str(BENCH_DIR))
+    from profile_hooks import cpu_delta, thread_cpu
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -154,30 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads: this process (local and swarm client) {torch.get_num_threads()}, "
           f"servers {args.server_threads or 'torch default'}; cpus {os.cpu_count()}; "
           f"load average {os.getloadavg()[0]:.2f}")
+    if args.env:
+        print(f"environment (this process and servers): {' '.join(f'{k}={v}' for k, v in args.env.items())}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
           flush=True)
 
     profile = None
     profile_dir = None
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(args.env)
     if args.profile:
-        sys.path.insert(0, str(BENCH_DIR))
         from profile_hooks import ClientProfile, install_client_hooks
 
         profile = ClientProfile()
-        stale = install_client_hooks(profile, local)
-        if stale:
-            print(f"WARNING: the package changed since bench/profile_hooks.py copied {stale}; "
-                  "the profile may not match the package code")
+        missing = install_client_hooks(profile, local)
+        if missing:
+            print(f"WARNING: --profile found no {', '.join(missing)} in the package; client timings are off")
         profile_dir = tempfile.mkdtemp(prefix="bench-profile-")
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR / "server_hook"),
-                                                            os.environ.get("PYTHONPATH")]))}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR / "server_hook"),
+                                                          os.environ.get("PYTHONPATH")]))
 
     results: dict[str, Any] = {
         "model": {**MODEL, "path": path, "params": num_params, "dtype": "float32"},
         "settings": {"new_tokens": args.new_tokens, "prompt_tokens": int(input_ids.shape[1]), "reps": args.reps,
                      "warmup": args.warmup, "client_threads": torch.get_num_threads(),
-                     "server_threads": args.server_threads or None, "update_period": args.update_period},
+                     "server_threads": args.server_threads or None, "update_period": args.update_period,
+                     "env": args.env},
         "machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "swarms": [],
@@ -201,13 +212,19 @@ def main(argv: list[str] | None = None) -> int:
                     profile.reset()
                 measured_since = time.time()
                 local_runs, swarm_runs = [], []
+                pids = {"client": os.getpid(), **{f"server{s.start_block}:{s.end_block}": s.process.pid
+                                                  for s in swarm.servers}}
+                swarm_cpu: dict[str, float] = {}  # CPU seconds by process/thread kind, over the swarm calls
+                local_cpu: dict[str, float] = {}
                 for rep in range(args.reps):
                     order = ("local", "swarm") if rep % 2 == 0 else ("swarm", "local")  # no fixed first mover
                     for side in order:
-                        if side == "local":
-                            local_runs.append(timed_generate(local, input_ids, args.new_tokens))
-                        else:
-                            swarm_runs.append(timed_generate(model, input_ids, args.new_tokens))
+                        runs, cpu, target = ((local_runs, local_cpu, local) if side == "local"
+                                             else (swarm_runs, swarm_cpu, model))
+                        cpu_before = thread_cpu(pids)
+                        runs.append(timed_generate(target, input_ids, args.new_tokens))
+                        for k, v in cpu_delta(cpu_before, thread_cpu(pids)).items():
+                            cpu[k] = cpu.get(k, 0.0) + v
                     print(f"  rep {rep + 1}/{args.reps}: local {local_runs[-1]['tokens_per_s']:6.1f} tok/s, "
                           f"swarm {swarm_runs[-1]['tokens_per_s']:6.1f} tok/s", flush=True)
                 routes = [f"{r.start}:{r.end}" for r in model.swarm.read_map().online()]
@@ -224,10 +241,28 @@ def main(argv: list[str] | None = None) -> int:
         swarm_tps = median([r["tokens_per_s"] for r in swarm_runs])
         local_dec = median([r["decode_tokens_per_s"] for r in local_runs])
         swarm_dec = median([r["decode_tokens_per_s"] for r in swarm_runs])
-        print(f"local  tokens/s {fmt_rates(local_runs)}   first token {1000 * median([r['first_token_s'] for r in local_runs]):.1f} ms")
-        print(f"swarm  tokens/s {fmt_rates(swarm_runs)}   first token {1000 * median([r['first_token_s'] for r in swarm_runs]):.1f} ms")
-        print(f"ratio swarm/local: {swarm_tps / local_tps:.3f} end to end, {swarm_dec / local_dec:.3f} decode only "
-              f"(decode tokens/s: local {local_dec:.1f}, swarm {swarm_dec:.1f})")
+        # local and swarm calls alternate, so each rep's pair saw about the same machine load
+        paired = median([s["tokens_per_s"] / l["tokens_per_s"] for l, s in zip(local_runs, swarm_runs)])
+        for name, runs in (("local", local_runs), ("swarm", swarm_runs)):
+            first = 1000 * median([r["first_token_s"] for r in runs])
+            print(f"{name}  tokens/s {fmt_rates(runs)}   first token {first:.1f} ms")
+        print(f"ratio swarm/local: {swarm_tps / local_tps:.3f} end to end (median of per-rep ratios {paired:.3f}), "
+              f"{swarm_dec / local_dec:.3f} decode only (decode tokens/s: local {local_dec:.1f}, "
+              f"swarm {swarm_dec:.1f})")
+        tokens_made = args.new_tokens * args.reps
+        local_cpu_ms = 1000 * sum(v for k, v in local_cpu.items() if k.startswith("client/")) / tokens_made
+        swarm_cpu_ms = 1000 * sum(swarm_cpu.values()) / tokens_made
+        cpu_ratio = local_cpu_ms / swarm_cpu_ms if swarm_cpu_ms > 0 else float("nan")
+        if swarm_cpu_ms > 0:
+            print(f"CPU per token: local {local_cpu_ms:.2f} ms, swarm {swarm_cpu_ms:.2f} ms summed over the client and "
+                  f"servers -> local/swarm {cpu_ratio:.3f} (a swarm step keeps one process busy at a time, so this "
+                  f"estimates the ratio on an idle machine; other people's load moves it much less)")
+        local_spread = max(r["tokens_per_s"] for r in local_runs) / min(r["tokens_per_s"] for r in local_runs)
+        busy = os.getloadavg()[0]
+        if local_spread > 1.25 or busy > 0.75 * (os.cpu_count() or 1):
+            print(f"WARNING: the machine is busy (load average {busy:.2f} on {os.cpu_count()} cpus, local tokens/s "
+                  f"varied {local_spread:.2f}x): the wall-clock ratios of this run are unreliable; trust the CPU ratio "
+                  "or run again when the machine is quieter")
         if match:
             print(f"tokens: swarm == local in all {len(swarm_runs)} swarm and {len(local_runs)} local calls")
         else:
@@ -237,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {
             "servers": num_servers, "spans": spans, "online_spans": routes,
             "local_tokens_per_s": local_tps, "swarm_tokens_per_s": swarm_tps, "ratio": swarm_tps / local_tps,
+            "paired_ratio": paired, "local_cpu_ms_per_token": local_cpu_ms, "swarm_cpu_ms_per_token": swarm_cpu_ms,
+            "cpu_ratio": cpu_ratio, "local_spread": local_spread, "load_average": busy,
+            "swarm_cpu_ms_per_token_by_thread": {k: 1000 * v / tokens_made for k, v in sorted(swarm_cpu.items())},
             "local_decode_tokens_per_s": local_dec, "swarm_decode_tokens_per_s": swarm_dec,
             "decode_ratio": swarm_dec / local_dec, "tokens_match": match,
             "local_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in local_runs],
@@ -247,16 +285,18 @@ def main(argv: list[str] | None = None) -> int:
             from profile_summary import summarize  # bench/ is on sys.path with --profile
 
             entry["profile"] = summarize(profile, server_files, measured_since, num_servers, args.new_tokens,
-                                         local_runs, swarm_runs)
+                                         local_runs, swarm_runs, swarm_cpu)
         results["swarms"].append(entry)
 
+    if profile_dir:
+        shutil.rmtree(profile_dir, ignore_errors=True)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["tokens_match"] = all_match
     print("\n== summary (median tokens/s, end to end) ==")
     for e in results["swarms"]:
         print(f"{e['servers']} servers: local {e['local_tokens_per_s']:6.1f}  swarm {e['swarm_tokens_per_s']:6.1f}  "
-              f"ratio {e['ratio']:.3f}  (decode only {e['decode_ratio']:.3f})  "
-              f"tokens {'match' if e['tokens_match'] else 'DIFFER'}")
+              f"ratio {e['ratio']:.3f}  (paired {e['paired_ratio']:.3f}, decode only {e['decode_ratio']:.3f}, "
+              f"CPU {e['cpu_ratio']:.3f})  tokens {'match' if e['tokens_match'] else 'DIFFER'}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cpus)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

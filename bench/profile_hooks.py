@@ -1,51 +1,60 @@
 """Per-step timing instrumentation for bench_inference.py --profile (client side and server side).
 
-Nothing here changes what the package computes: each hook either wraps a method with perf_counter() calls or is
-a line-for-line copy of a small package method with timers added. The copies are checked against a hash of the
-package source they mirror, and a warning is printed when the package has changed since (re-copy them then).
+Nothing here changes what the package computes, and nothing is copied from it: the hooks only wrap methods
+(with ``*args, **kwargs``) and the send/recv of the streams they use, with perf_counter() calls around them, so
+they keep working while the package changes.
 
 Client side (installed in the bench process):
-    forward   DistributedModelForCausalLM.forward: embed | session.step (sync, crosses into trio) | logits
-    astep     InferenceSession.astep on the trio thread (the sync->trio portal costs step - astep)
-    send_step InferenceSession._send_step per span: encode+pack | stream.send | wait for the reply | unpack+decode
-    local     the baseline model's forward, to compare against
+    forward    DistributedModelForCausalLM.forward: embed | session.step (sync, crosses into trio) | logits
+    astep      InferenceSession.astep on the trio thread (the sync->trio portal costs step - astep)
+    send_step  InferenceSession._send_step per span: encode+pack | stream.send | wait for the reply | unpack+decode
+    local      the baseline model's forward, to compare against
 
 Server side (installed in each `jupyter-swarm serve` subprocess through server_hook/sitecustomize.py):
-    handle    frame received -> reply sent, split into unpack/decode/validate, the hop into the compute thread,
-              compute, the hop back, encode+pack, stream.send.
+    per step   frame received -> reply sent, split into: the hop into the compute thread, compute, the hop back,
+               stream.send, and the rest (unpack, decode, checks, encode, pack).
 Server records are written as JSON when the server exits (Ctrl-C / SIGINT from LocalSwarm.stop()).
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
-import inspect
 import json
 import os
-import statistics
 import threading
 import time
 from collections import defaultdict
+from time import perf_counter
 from typing import Any
 
-from time import perf_counter
 
-# sha256 (first 12 hex digits) of the package methods copied below, as they were when the copies were made
-_EXPECTED_SOURCES = {
-    "jupyter_swarm.client.inference.InferenceSession._send_step": "9fe00c286f19",
-    "jupyter_swarm.runtime.service.SpanService._serve_session": "a3b810ae3bb8",
-    "jupyter_swarm.runtime.service.SpanService._run": "b6cbe164e5cc",
-}
-
-
-def _source_hash(obj: Any) -> str:
-    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:12]
+def _seq_of(args: tuple, kwargs: dict) -> int:
+    """Tokens in the step: dim 1 of the first 3-D tensor argument (the hidden states)."""
+    for value in (*args, *kwargs.values()):
+        if getattr(value, "dim", None) is not None and value.dim() == 3:
+            return int(value.shape[1])
+    return -1
 
 
-def check_copies(objs: dict[str, Any]) -> list[str]:
-    """Names of copied methods whose package source changed since the copy was made."""
-    return [name for name, obj in objs.items() if _source_hash(obj) != _EXPECTED_SOURCES.get(name)]
+def _time_stream(stream: Any, marks: dict[str, float]) -> None:
+    """Wrap one FramedStream's send/recv (on the instance) to note when they start and end in ``marks``."""
+    send, recv = stream.send, stream.recv
+
+    async def timed_send(payload: bytes) -> None:
+        marks["send_start"] = perf_counter()
+        try:
+            await send(payload)
+        finally:
+            marks["send_end"] = perf_counter()
+
+    async def timed_recv() -> bytes:
+        marks["recv_start"] = perf_counter()
+        try:
+            return await recv()
+        finally:
+            marks["recv_end"] = perf_counter()
+
+    stream.send, stream.recv = timed_send, timed_recv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,6 +74,8 @@ class ClientProfile:
             self.send_step: dict[int, list[dict[str, float]]] = defaultdict(list)  # span start -> per step
             self.local_forward: list[dict[str, float]] = []  # baseline model forward
             self.session_open: list[float] = []  # InferenceSession._open_chain
+            self.route: list[float] = []  # SwarmClient.route (reads the swarm map when it is older than its max age)
+            self.open_span: list[float] = []  # InferenceSession._open_span (new stream + "open" round trip)
 
     def add(self, kind: str, record: dict[str, float], key: int | None = None) -> None:
         with self.lock:
@@ -75,19 +86,17 @@ class ClientProfile:
 
 
 def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
-    """Instrument the distributed client classes and ``local_model``; returns names of stale copies."""
-    import trio
-
-    from jupyter_swarm.client import inference as inference_module
+    """Instrument the distributed client classes and ``local_model``; returns what could not be instrumented."""
     from jupyter_swarm.client.inference import InferenceSession
     from jupyter_swarm.client.model import DistributedModelForCausalLM
-    from jupyter_swarm.wire.messages import field as message_field
-    from jupyter_swarm.wire.messages import pack, unpack
-    from jupyter_swarm.wire.tensors import decode_tensor, encode_tensor
+    from jupyter_swarm.client.swarm import SwarmClient
 
-    stale = check_copies({"jupyter_swarm.client.inference.InferenceSession._send_step": InferenceSession._send_step})
+    missing = [name for name in ("step", "astep", "_send_step", "_open_span", "_open_chain")
+               if not hasattr(InferenceSession, name)]
+    if missing:
+        return [f"InferenceSession.{name}" for name in missing]
 
-    # forward: split embed / session.step (sync) / logits by wrapping the head and the session's step()
+    # forward: split embed / session.step (sync) / logits by wrapping the head's methods on the instance
     original_forward = DistributedModelForCausalLM.forward
     original_step = InferenceSession.step
     state = threading.local()
@@ -97,21 +106,16 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
         head = self.head
         embed, logits = head.embed, head.logits
 
-        def timed_embed(*a: Any, **k: Any) -> Any:
-            t = perf_counter()
-            try:
-                return embed(*a, **k)
-            finally:
-                state.parts["embed"] += perf_counter() - t
+        def timed(fn: Any, part: str) -> Any:
+            def wrapper(*a: Any, **k: Any) -> Any:
+                t = perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    state.parts[part] += perf_counter() - t
+            return wrapper
 
-        def timed_logits(*a: Any, **k: Any) -> Any:
-            t = perf_counter()
-            try:
-                return logits(*a, **k)
-            finally:
-                state.parts["logits"] += perf_counter() - t
-
-        head.embed, head.logits = timed_embed, timed_logits
+        head.embed, head.logits = timed(embed, "embed"), timed(logits, "logits")
         t0 = perf_counter()
         try:
             return original_forward(self, input_ids, *args, **kwargs)
@@ -120,24 +124,25 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
             del head.embed, head.logits
             seq = int(input_ids.shape[1]) if input_ids is not None else -1
             profile.add("forward", {"seq": seq, "total": total, **state.parts})
+            state.parts = None
 
-    def step(self: Any, hidden: Any, **kwargs: Any) -> Any:
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         t = perf_counter()
         try:
-            return original_step(self, hidden, **kwargs)
+            return original_step(self, *args, **kwargs)
         finally:
             if getattr(state, "parts", None) is not None:
                 state.parts["step"] += perf_counter() - t
 
     original_astep = InferenceSession.astep
 
-    async def astep(self: Any, hidden: Any, *args: Any, **kwargs: Any) -> Any:
+    async def astep(self: Any, *args: Any, **kwargs: Any) -> Any:
         t = perf_counter()
-        opened_before = bool(self._spans)
+        opened_before = bool(getattr(self, "_spans", True))
         try:
-            return await original_astep(self, hidden, *args, **kwargs)
+            return await original_astep(self, *args, **kwargs)
         finally:
-            profile.add("astep", {"seq": int(hidden.shape[1]), "total": perf_counter() - t,
+            profile.add("astep", {"seq": _seq_of(args, kwargs), "total": perf_counter() - t,
                                   "opened_chain": float(not opened_before)})
 
     original_open_chain = InferenceSession._open_chain
@@ -149,39 +154,46 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
         finally:
             profile.session_open.append(perf_counter() - t)
 
-    # copy of InferenceSession._send_step with timers
-    async def _send_step(self: Any, span: Any, hidden: Any, beam_idx: Any, prompts: Any) -> Any:
-        t0 = perf_counter()
-        message: dict[str, Any] = {"type": "step", "hidden": encode_tensor(hidden, self.compression),
-                                   "position": self.position, "compression": self.compression.value}
-        if beam_idx is not None:
-            message["beam_idx"] = encode_tensor(beam_idx.to(inference_module.torch.int64))
-        if prompts is not None:
-            message["prompts"] = encode_tensor(prompts, self.compression)
-        payload = pack(message)
-        t1 = perf_counter()
+    original_open_span = InferenceSession._open_span
+    marks: dict[str, float] = {}  # only the trio thread touches it
+
+    async def _open_span(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t = perf_counter()
+        span = await original_open_span(self, *args, **kwargs)
+        profile.open_span.append(perf_counter() - t)
+        _time_stream(span.stream, marks)
+        return span
+
+    original_route = SwarmClient.route
+
+    async def route(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t = perf_counter()
         try:
-            with trio.fail_after(self.step_timeout):
-                await span.stream.send(payload)
-                t2 = perf_counter()
-                raw = await span.stream.recv()
-                t3 = perf_counter()
-                reply = unpack(raw, "output")
-        except trio.TooSlowError:
-            raise inference_module.PeerUnavailableError(
-                f"server {span.route.peer_id} did not answer within {self.step_timeout:g} s")
-        out = decode_tensor(message_field(reply, "hidden", dict)).to(hidden.dtype)
+            return await original_route(self, *args, **kwargs)
+        finally:
+            profile.route.append(perf_counter() - t)
+
+    original_send_step = InferenceSession._send_step
+
+    async def _send_step(self: Any, span: Any, *args: Any, **kwargs: Any) -> Any:
+        marks.clear()
+        t0 = perf_counter()
+        out = await original_send_step(self, span, *args, **kwargs)
         t4 = perf_counter()
-        profile.add("send_step", {"seq": int(hidden.shape[1]), "encode": t1 - t0, "send": t2 - t1,
-                                  "wait": t3 - t2, "decode": t4 - t3, "total": t4 - t0, "wall": time.time()},
-                    key=span.route.start)
+        if {"send_start", "send_end", "recv_start", "recv_end"} <= marks.keys():
+            profile.add("send_step", {
+                "seq": _seq_of(args, kwargs), "encode": marks["send_start"] - t0,
+                "send": marks["send_end"] - marks["send_start"], "wait": marks["recv_end"] - marks["send_end"],
+                "decode": t4 - marks["recv_end"], "total": t4 - t0, "wall": time.time()}, key=span.route.start)
         return out
 
     DistributedModelForCausalLM.forward = forward
     InferenceSession.step = step
     InferenceSession.astep = astep
     InferenceSession._open_chain = _open_chain
+    InferenceSession._open_span = _open_span
     InferenceSession._send_step = _send_step
+    SwarmClient.route = route
 
     local_forward = local_model.forward
 
@@ -194,7 +206,7 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
             profile.add("local_forward", {"seq": seq, "total": perf_counter() - t})
 
     local_model.forward = timed_local_forward
-    return stale
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,84 +214,98 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 def install_server_hooks(out_path: str) -> None:
     """Instrument SpanService in this process; write the records to ``out_path`` at exit."""
-    import trio
-
-    from jupyter_swarm.errors import ProtocolError, RemoteError, SwarmError
-    from jupyter_swarm.runtime import service as service_module
     from jupyter_swarm.runtime.service import SpanService
-    from jupyter_swarm.wire.messages import error_message, unpack
 
-    stale = check_copies({"jupyter_swarm.runtime.service.SpanService._serve_session": SpanService._serve_session,
-                          "jupyter_swarm.runtime.service.SpanService._run": SpanService._run})
+    missing = [name for name in ("handle_inference", "_run") if not hasattr(SpanService, name)]
     records: list[dict[str, float]] = []
-    current: dict[str, float] = {}
+    current: dict[str, float] = {}  # the trio thread's current step (one session at a time in the benchmark)
 
-    async def _run(self: Any, fn: Any, *args: Any) -> Any:
-        box: dict[str, float] = {}
+    if not missing:
+        original_run = SpanService._run
 
-        def timed(*a: Any) -> Any:
-            box["start"] = perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                box["end"] = perf_counter()
+        async def _run(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            box: dict[str, float] = {}
 
-        t0 = perf_counter()
-        result = await trio.to_thread.run_sync(timed, *args, limiter=self._compute)
-        t3 = perf_counter()
-        current.update(hop_in=box["start"] - t0, compute=box["end"] - box["start"], hop_out=t3 - box["end"])
-        return result
-
-    # copy of SpanService._serve_session with timers
-    async def _serve_session(self: Any, stream: Any, cache: Any, batch_size: int) -> None:
-        while True:
-            with trio.move_on_after(self.session_timeout) as idle:
+            def timed(*a: Any, **k: Any) -> Any:
+                box["start"] = perf_counter()
                 try:
-                    payload = await stream.recv()
-                except SwarmError:
-                    return
-            if idle.cancelled_caught:
-                await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
-                return
+                    return fn(*a, **k)
+                finally:
+                    box["end"] = perf_counter()
+
             t0 = perf_counter()
-            current.clear()
-            seq = -1
-            try:
-                message = unpack(payload, "step")
-                try:
-                    seq = int(message["hidden"]["shape"][1])
-                except Exception:  # noqa: BLE001 - only for the record
-                    pass
-                reply = await self._step(message, cache, batch_size)
-            except SwarmError as e:
-                self.stats.errors += 1
-                reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
-            except Exception as e:
-                service_module.logger.exception("inference step failed")
-                self.stats.errors += 1
-                reply = error_message(f"server error: {e!r}")
-            t1 = perf_counter()
-            await stream.send(reply)
-            t2 = perf_counter()
-            records.append({"wall": time.time(), "start": self.span.start, "end": self.span.end, "seq": seq,
-                            "handle": t2 - t0, "step": t1 - t0, "send": t2 - t1, **current})
+            result = await original_run(self, timed, *args, **kwargs)
+            t3 = perf_counter()
+            if "end" in box:
+                current.update(hop_in=box["start"] - t0, compute=box["end"] - box["start"], hop_out=t3 - box["end"],
+                               seq=_seq_of(args, kwargs))
+            return result
 
-    SpanService._run = _run
-    SpanService._serve_session = _serve_session
+        original_handle = SpanService.handle_inference
+
+        async def handle_inference(self: Any, stream: Any, *args: Any, **kwargs: Any) -> Any:
+            send, recv = stream.send, stream.recv
+            marks: dict[str, float] = {}
+
+            async def timed_recv() -> bytes:
+                payload = await recv()
+                marks["received"] = perf_counter()
+                current.clear()
+                return payload
+
+            async def timed_send(payload: bytes) -> None:
+                t1 = perf_counter()
+                await send(payload)
+                t2 = perf_counter()
+                if "compute" in current and "received" in marks:
+                    t0 = marks.pop("received")
+                    step = t1 - t0
+                    rest = step - current["hop_in"] - current["compute"] - current["hop_out"]
+                    records.append({"wall": time.time(), "start": self.span.start, "end": self.span.end,
+                                    **current, "handle": t2 - t0, "step": step, "send": t2 - t1, "messages": rest})
+                current.clear()
+
+            stream.send, stream.recv = timed_send, timed_recv
+            return await original_handle(self, stream, *args, **kwargs)
+
+        SpanService._run = _run
+        SpanService.handle_inference = handle_inference
 
     def dump() -> None:
         with open(out_path, "w", encoding="utf-8") as f:
-            json.dump({"pid": os.getpid(), "stale_copies": stale, "records": records}, f)
+            json.dump({"pid": os.getpid(), "not_instrumented": missing, "records": records}, f)
 
     atexit.register(dump)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# summaries
+# CPU time per thread (Linux /proc), a measure that other processes on a shared machine disturb much less
+# than wall time
 # ---------------------------------------------------------------------------------------------------------
-def med_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values) if values else float("nan")
+def thread_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process in ``pids`` ({label: pid}), by thread kind:
+    "main" (the main thread), "compute" (trio's worker threads, named "Trio thread N"), "loop" (the rest: the
+    trio thread that runs libp2p, plus any helper threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for label, pid in pids.items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            kind = "main" if int(tid) == pid else "compute" if comm.startswith("Trio thread") else "loop"
+            out[f"{label}/{kind}"] = out.get(f"{label}/{kind}", 0.0) + seconds
+    return out
 
 
-def mean_ms(values: list[float]) -> float:
-    return 1000 * statistics.fmean(values) if values else float("nan")
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}

@@ -16,7 +16,8 @@ def _col(records: list[dict[str, float]], key: str) -> list[float]:
 
 
 def summarize(profile: Any, server_files: list[str], measured_since: float, num_servers: int, new_tokens: int,
-              local_runs: list[dict[str, Any]], swarm_runs: list[dict[str, Any]]) -> dict[str, Any]:
+              local_runs: list[dict[str, Any]], swarm_runs: list[dict[str, Any]],
+              swarm_cpu: dict[str, float]) -> dict[str, Any]:
     """Print and return median milliseconds per decode token, by part."""
     decode = lambda rs: [r for r in rs if r.get("seq") == 1]  # noqa: E731 - prefill steps are left out
     local_fwd = decode(profile.local_forward)
@@ -26,13 +27,13 @@ def summarize(profile: Any, server_files: list[str], measured_since: float, num_
     per_token_swarm = 1000 / statistics.median([r["decode_tokens_per_s"] for r in swarm_runs])
 
     servers: dict[int, list[dict[str, float]]] = {}
-    stale: list[str] = []
+    missing: list[str] = []
     for path in server_files:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        stale += data.get("stale_copies", [])
+        missing += data.get("not_instrumented", [])
         for r in data["records"]:
-            if r["wall"] >= measured_since and r["seq"] == 1:
+            if r["wall"] >= measured_since and r.get("seq") == 1:
                 servers.setdefault(int(r["start"]), []).append(r)
 
     out: dict[str, Any] = {"per_token_ms": {}, "spans": {}, "session_open_ms": _med(profile.session_open)}
@@ -69,9 +70,8 @@ def summarize(profile: Any, server_files: list[str], measured_since: float, num_
             compute_total += compute
             hop_in, hop_out = _med(_col(srv, "hop_in")), _med(_col(srv, "hop_out"))
             send = _med(_col(srv, "send"))
-            steps = [r["step"] - r.get("hop_in", 0) - r.get("compute", 0) - r.get("hop_out", 0) for r in srv]
             entry.update(server_handle=handle, server_compute=compute, server_hop_in=hop_in, server_hop_out=hop_out,
-                         server_send=send, server_messages=_med(steps), transport=wait - handle,
+                         server_send=send, server_messages=_med(_col(srv, "messages")), transport=wait - handle,
                          server_steps=len(srv))
             add(f"          server (blocks {srv[0]['start']}:{srv[0]['end']}): handle {handle:6.2f} = compute "
                 f"{compute:6.2f} + to_thread hop in {hop_in:4.2f} / out {hop_out:4.2f} + unpack/decode/check/"
@@ -82,10 +82,18 @@ def summarize(profile: Any, server_files: list[str], measured_since: float, num_
     overhead = per_token_swarm - per_token_local
     add(f"swarm - local per token: {overhead:6.2f} ms; server compute sum {compute_total:6.2f} vs local forward "
         f"{local_forward:6.2f} (client embed+logits {embed + logits:4.2f})")
-    add(f"opening a session (routing + open streams), once per generate(): {out['session_open_ms']:.2f} ms "
-        f"= {out['session_open_ms'] / new_tokens:.2f} ms per token over {new_tokens} tokens")
-    if stale:
-        add(f"WARNING: server copies are stale: {sorted(set(stale))}")
+    out["route_ms"], out["open_span_ms"] = _med(profile.route), _med(profile.open_span)
+    add(f"opening a session, once per generate(): {out['session_open_ms']:.2f} ms = route (swarm map) "
+        f"{out['route_ms']:.2f} + {num_servers} x open a stream and a server session {out['open_span_ms']:.2f}; "
+        f"{out['session_open_ms'] / new_tokens:.2f} ms per token over {new_tokens} tokens")
+    if swarm_cpu:
+        tokens = new_tokens * len(swarm_runs)
+        per = {k: 1000 * v / tokens for k, v in sorted(swarm_cpu.items())}
+        out["cpu_ms_per_token"] = per
+        add(f"CPU ms per token during the swarm calls, by process/thread (all: {sum(per.values()):.2f}):")
+        add("        " + ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v >= 0.005))
+    if missing:
+        add(f"WARNING: the servers could not instrument {sorted(set(missing))}")
     print("\n".join(lines), flush=True)
     out["per_token_ms"] = {"local": per_token_local, "local_forward": local_forward, "swarm": per_token_swarm,
                            "swarm_forward": forward, "embed": embed, "session_step": step, "logits": logits,

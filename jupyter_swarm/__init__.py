@@ -4,7 +4,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "__version__"]
+__all__ = ["AutoDistributedModelForCausalLM", "AutoDistributedModelForSequenceClassification",
+           "DistributedModelForCausalLM", "DistributedModelForSequenceClassification", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,4 +14,16 @@ def __getattr__(name: str) -> Any:
         from jupyter_swarm.client import model
 
         return getattr(model, name)
+    if name in ("AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"):
+        from jupyter_swarm.client import classification
+
+        return getattr(classification, name)
     raise AttributeError(name)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext jupyter_swarm`: registers the `%swarm` magics (imports the notebook layer only now)."""
+    from jupyter_swarm.notebook import load_ipython_extension as load
+
+    load(ipython)
+

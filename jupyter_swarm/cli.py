@@ -25,8 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     peers = serve.add_mutually_exclusive_group(required=True)
     peers.add_argument("--new-swarm", action="store_true", help="start a new swarm (this server is its first peer)")
     peers.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="addresses of peers already in the swarm")
-    serve.add_argument("--blocks", default=None, metavar="START:END",
-                       help="blocks to serve, e.g. 0:4 serves blocks 0-3 (default: every block)")
+    serve.add_argument("--blocks", default=None, metavar="START:END|auto",
+                       help="blocks to serve, e.g. 0:4 serves blocks 0-3; 'auto' (the default) places the span "
+                            "where the swarm's per-block throughput is lowest and moves it when that helps the swarm")
+    serve.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                       help="with automatic placement: serve N blocks (default: as many as --memory-mib holds)")
+    serve.add_argument("--memory-mib", type=int, default=None, metavar="MIB",
+                       help="with automatic placement: memory this server may use for weights and cache "
+                            "(default: 80%% of the device's free memory)")
+    serve.add_argument("--balance-period", type=float, default=60.0, metavar="SECONDS",
+                       help="with automatic placement: mean period of the check whether moving the span would raise "
+                            "the swarm's throughput (each wait is uniform in 0..2x this; 0 turns moving off)")
+    serve.add_argument("--bandwidth-mbps", type=float, default=None, metavar="MBIT/S",
+                       help="network bandwidth used in the announced throughput (default 100)")
     serve.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
                        help="addresses to listen on (default: loopback, a free port); "
                             "use /ip4/0.0.0.0/tcp/31337 to accept other machines")
@@ -42,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often the server refreshes its records; they expire after twice this")
     serve.add_argument("--model-prefix", default=None, help="name of the model in the swarm (default: the "
                                                             "last component of MODEL)")
-    serve.add_argument("--throughput", type=float, default=None, help="announce this throughput instead of "
-                                                                      "measuring it")
+    serve.add_argument("--throughput", type=float, default=None,
+                       help="announce this throughput (requests/s per block) instead of measuring it (measurements "
+                            "are cached per device and model shape in ~/.cache/jupyter-swarm/throughput.json)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads for this server")
+    serve.add_argument("--adapters", nargs="+", default=[], metavar="NAME_OR_PATH",
+                       help="LoRA adapters (peft save_pretrained directories) to host for the blocks; a client picks "
+                            "one per request by its name: the path as given, or NAME in NAME=PATH")
 
     status = sub.add_parser("status", help="show which servers hold which blocks",
                             description="Print every model the swarm serves, its coverage and its servers.")
@@ -86,22 +101,34 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from jupyter_swarm.models import load_model_config
-    from jupyter_swarm.runtime.server import BlockServer, ServerConfig, num_blocks_of, parse_blocks
+    from jupyter_swarm.errors import ConfigurationError
+    from jupyter_swarm.runtime.server import BlockServer, ServerConfig, num_blocks_of, parse_blocks_option
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     total = num_blocks_of(load_model_config(args.model))
-    start, end = parse_blocks(args.blocks, total) if args.blocks else (0, total)
+    span = parse_blocks_option(args.blocks, total, args.num_blocks)
+    if span is not None and args.memory_mib is not None:
+        raise ConfigurationError(f"--blocks {args.blocks} and --memory-mib contradict each other: --memory-mib sizes "
+                                 "an automatically placed span; drop one of them")
+    if args.throughput is not None and not args.throughput > 0:
+        raise ConfigurationError(f"--throughput must be a positive number, got {args.throughput}")
+    if args.balance_period < 0 or args.update_period <= 0:
+        raise ConfigurationError("--update-period must be > 0 and --balance-period >= 0 seconds")
+    start, end = span if span is not None else (None, None)
     config = ServerConfig(
         model=args.model, start=start, end=end, initial_peers=args.initial_peers or [], listen=args.listen,
         announce_addrs=args.announce, identity_path=args.identity,
         dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
         cache_bytes=args.cache_mib * 2**20, max_session_length=args.max_session_length,
-        update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput)
+        update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput,
+        serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
+        memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters)
     server = BlockServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     server.start()
-    print(f"serving blocks {start}:{end} of {server.prefix} ({total} blocks); connect with:", flush=True)
+    print(f"serving blocks {server.start_block}:{server.end_block} of {server.prefix} ({total} blocks); "
+          "connect with:", flush=True)
     for address in server.addrs:
         print(f"  {address}", flush=True)
     print("ready", flush=True)

@@ -18,14 +18,16 @@ START_TIMEOUT = 120.0
 class ServerProcess:
     """One `jupyter-swarm serve` subprocess and the addresses it printed."""
 
-    def __init__(self, model: str, start: int, end: int, *, initial_peers: Sequence[str] = (),
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None):
-        self.start_block, self.end_block = start, end
+    def __init__(self, model: str, start: int | None, end: int | None, *, initial_peers: Sequence[str] = (),
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None, new_session: bool = False):
+        self.start_block, self.end_block = start, end  # None: automatic placement (known once it printed its span)
         peers = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
-        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, "--blocks", f"{start}:{end}",
-                        *peers, *extra_args]
+        blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
+        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, *blocks, *peers, *extra_args]
+        # new_session: a Ctrl-C (SIGINT) sent to the parent's process group, e.g. a Jupyter kernel interrupt,
+        # does not reach the servers; they stop only when told to (stop(), or the parent's exit handlers).
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **(env or {})})
+                                        env={**os.environ, **(env or {})}, start_new_session=new_session)
         self.addrs: list[str] = []
         self.output: list[str] = []
         self._ready = threading.Event()
@@ -39,6 +41,9 @@ class ServerProcess:
             stripped = line.strip()
             if stripped.startswith("/ip4/") or stripped.startswith("/ip6/"):
                 self.addrs.append(stripped)
+            elif stripped.startswith("serving blocks "):
+                first, last = stripped.split()[2].split(":")
+                self.start_block, self.end_block = int(first), int(last)
             elif stripped == "ready":
                 self._ready.set()
         self._ready.set()
@@ -78,11 +83,12 @@ class ServerProcess:
 class LocalSwarm:
     """Start servers for ``spans`` of ``model``; the first one starts the swarm, the others join it."""
 
-    def __init__(self, model: str, spans: Sequence[tuple[int, int]], *, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None):
+    def __init__(self, model: str, spans: Sequence[tuple[int | None, int | None]], *, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, new_session: bool = False):
         self.model = model
         self.extra_args = list(extra_args)
         self.env = env
+        self.new_session = new_session
         self.servers: list[ServerProcess] = []
         try:
             first, *rest = spans
@@ -99,10 +105,12 @@ class LocalSwarm:
         alive = [s for s in self.servers if s.process.poll() is None]
         return [a for s in alive[:2] for a in s.addrs]
 
-    def add_server(self, start: int, end: int, *, wait: bool = True, extra_args: Sequence[str] = ()) -> ServerProcess:
-        """Start one more server joining this swarm."""
+    def add_server(self, start: int | None = None, end: int | None = None, *, wait: bool = True,
+                   extra_args: Sequence[str] = ()) -> ServerProcess:
+        """Start one more server joining this swarm (``start=None``: it places its span itself)."""
         server = ServerProcess(self.model, start, end, initial_peers=self.initial_peers,
-                               extra_args=[*self.extra_args, *extra_args], env=self.env)
+                               extra_args=[*self.extra_args, *extra_args], env=self.env,
+                               new_session=self.new_session)
         self.servers.append(server)
         if wait:
             server.wait_ready()

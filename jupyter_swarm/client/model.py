@@ -16,12 +16,15 @@ import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from jupyter_swarm.client.batching import remote_blocks_chunked
 from jupyter_swarm.client.inference import InferenceSession
 from jupyter_swarm.client.remote_blocks import RemoteBlocks
 from jupyter_swarm.client.swarm import SwarmClient
+from jupyter_swarm.client.tuning import PromptTuning, make_prompt_tuning
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.models import ClientHead, load_model_config
+from jupyter_swarm.wire.protocols import MAX_BATCH_TOKENS
 from jupyter_swarm.wire.tensors import Compression
 
 logger = logging.getLogger(__name__)
@@ -38,12 +41,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_cache_class = True
 
     def __init__(self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient,
-                 compression: Compression = Compression.NONE):
+                 compression: Compression = Compression.NONE, tuning: PromptTuning | None = None):
         super().__init__(config)
         self.head = head
+        self.tuning = tuning
         self.swarm = swarm
         self.compression = compression
         self.remote_blocks = RemoteBlocks(swarm, compression)
+        self.max_chunk_tokens = MAX_BATCH_TOKENS  # larger batches go as concurrent chunks of rows (client/batching.py)
         self.active_session: InferenceSession | None = None
         self._pending_beam_idx: torch.Tensor | None = None
 
@@ -51,25 +56,58 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, model: str, *args: Any, initial_peers: Sequence[str] = (), dtype: torch.dtype | None = None,
                         model_prefix: str | None = None, compression: str = "none",
                         wait_for_coverage: float = 10.0, request_timeout: float = 180.0,
+                        tuning_mode: str | None = None, pre_seq_len: int = 0, active_adapter: str | None = None,
+                        allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = (),
                         **kwargs: Any) -> "DistributedModelForCausalLM":
-        """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks."""
+        """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks.
+
+        ``tuning_mode="ptune"`` or ``"deep_ptune"`` adds ``pre_seq_len`` trainable prompts (see
+        :mod:`jupyter_swarm.client.tuning`); they are the model's only parameters with ``requires_grad``.
+        ``active_adapter``: the name of a LoRA adapter servers host (``serve --adapters``) to run the blocks with;
+        see :meth:`use_adapter`.
+        ``allowed_servers`` / ``blocked_servers``: peer ids this client may only use / must never use.
+        """
+        extra = cls._extra_arguments(kwargs)
         if args or kwargs:
             raise ConfigurationError(f"unexpected arguments {list(kwargs) or args}; "
                                      "supported: initial_peers, dtype, model_prefix, compression, "
-                                     "wait_for_coverage, request_timeout")
+                                     "wait_for_coverage, request_timeout, tuning_mode, pre_seq_len, "
+                                     "allowed_servers, blocked_servers, active_adapter"
+                                     + "".join(f", {name}" for name in extra))
         config = load_model_config(model)
         head = ClientHead.load(model, dtype=dtype)
+        tuning = make_prompt_tuning(tuning_mode, pre_seq_len, head)
         try:
             comp = Compression(compression)
         except ValueError:
             raise ConfigurationError(f"compression must be one of {[c.value for c in Compression]}, "
                                      f"got {compression!r}") from None
         swarm = SwarmClient(model_prefix or default_model_prefix(model), head.num_blocks, list(initial_peers),
-                            wait_for_coverage=wait_for_coverage, request_timeout=request_timeout)
-        instance = cls(config, head, swarm, comp)
+                            wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
+                            allowed_servers=allowed_servers, blocked_servers=blocked_servers)
+        try:
+            instance = cls(config, head, swarm, comp, tuning, **extra)
+            instance.use_adapter(active_adapter)
+        except BaseException:
+            swarm.close()
+            raise
         instance.generation_config = _generation_config(model, config)
         instance.eval()
         return instance
+
+    @classmethod
+    def _extra_arguments(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Pop the from_pretrained() arguments a subclass adds (passed on to its ``__init__``)."""
+        return {}
+
+    def use_adapter(self, name: str | None) -> None:
+        """Run the blocks with the servers' LoRA adapter ``name`` from the next request (or session) on.
+
+        Routing then uses only servers that host it (announced in their records); None: the plain blocks.
+        """
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigurationError(f"active_adapter must be an adapter name or None, got {name!r}")
+        self.swarm.active_adapter = name
 
     # ---- sessions ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -77,6 +115,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """A server-side session that several ``generate()`` calls (or manual steps) share."""
         if self.active_session is not None:
             raise ConfigurationError("an inference session is already open on this model; close it first")
+        if self.tuning is not None:
+            max_length += self.tuning.pre_seq_len  # the prompts take the session's first positions
         session = InferenceSession(self.swarm, max_length=max_length, compression=self.compression)
         self.active_session = session
         try:
@@ -128,18 +168,38 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ConfigurationError("padded batches are not supported yet: give every row the same length "
                                      "(or generate rows one at a time)")
-        hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.active_session is not None:
-            beam_idx, self._pending_beam_idx = self._pending_beam_idx, None
-            hidden = self.active_session.step(hidden, beam_idx=beam_idx)
-        else:
-            hidden = self.remote_blocks(hidden)
+        hidden = self.blocks_output(input_ids, inputs_embeds)
         logits = self.head.logits(hidden)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def blocks_output(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The last block's output for the real tokens (trainable prompts are added and dropped here).
+
+        ``inputs_embeds`` are token embeddings, as in transformers (BLOOM's embedding LayerNorm is applied here).
+        Inside a session the prompts go with the session's first step only, when its cache is empty.
+        """
+        session = self.active_session
+        tuning = self.tuning if session is None or session.position == 0 else None
+        if tuning is not None:
+            hidden = tuning.input_hidden(self.head, input_ids, inputs_embeds)
+            prompts = tuning.block_prompts(hidden.dtype)
+        else:
+            hidden = self.head.embed(input_ids) if inputs_embeds is None else self._norm_embeds(inputs_embeds)
+            prompts = None
+        if session is not None:
+            beam_idx, self._pending_beam_idx = self._pending_beam_idx, None
+            hidden = session.step(hidden, beam_idx=beam_idx, prompts=prompts)
+        else:
+            hidden = remote_blocks_chunked(self.remote_blocks, hidden, prompts, max_tokens=self.max_chunk_tokens)
+        return hidden if tuning is None else hidden[:, tuning.pre_seq_len:]
+
+    def _norm_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        norm = self.head.embeddings_norm
+        return inputs_embeds if norm is None else norm(inputs_embeds)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.head.get_input_embeddings() if hasattr(self.head, "get_input_embeddings") else None

@@ -45,7 +45,7 @@ class RemoteBlocks:
         block = start
         attempts = 0
         while block < end:
-            route = (await self.swarm.route(block, end))[0]
+            route = (await self.swarm.route(block, end, purpose="forward"))[0]
             try:
                 out = await self._call(route, "forward", hidden, _slice(prompts, route))
             except (PeerUnavailableError, RemoteError) as e:
@@ -95,6 +95,8 @@ class RemoteBlocks:
                        grad_output: torch.Tensor | None = None) -> dict[str, Any]:
         message: dict[str, Any] = {"type": kind, "hidden": encode_tensor(hidden, self.compression),
                                    "compression": self.compression.value, "start": route.start, "end": route.end}
+        if self.swarm.active_adapter is not None:
+            message["active_adapter"] = self.swarm.active_adapter
         if prompts is not None:
             message["prompts"] = encode_tensor(prompts, self.compression)
         if grad_output is not None:

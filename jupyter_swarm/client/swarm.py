@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import trio
 
-from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain
+from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain, choose_forward_chain, usable_servers
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
+from jupyter_swarm.runtime.pings import PingAggregator, ping_many
 from jupyter_swarm.wire.messages import pack, unpack
 from jupyter_swarm.wire.protocols import RPC
 
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 180.0
+MAX_PINGED = 32  # servers pinged per refresh (the rest count as DEFAULT_RTT until pinged)
+PING_REFRESH = 60.0  # seconds before a server's round-trip time is measured again
+FIRST_PING_TIMEOUT = 1.0
 
 
 def join_swarm(initial_peers: Sequence[str]) -> P2PNode:
@@ -56,8 +61,18 @@ class SwarmClient:
 
     def __init__(self, model_prefix: str, num_blocks: int, initial_peers: Sequence[str], *,
                  map_max_age: float = 1.0, wait_for_coverage: float = 10.0, request_timeout: float = REQUEST_TIMEOUT,
-                 ban_seconds: float = 15.0):
+                 ban_seconds: float = 15.0, allowed_servers: Collection[str] | None = None,
+                 blocked_servers: Collection[str] = ()):
         self.model_prefix = model_prefix
+        if isinstance(allowed_servers, str) or isinstance(blocked_servers, str):
+            raise ConfigurationError("allowed_servers and blocked_servers are lists of peer ids, not one string")
+        self.allowed_servers = None if allowed_servers is None else frozenset(allowed_servers)
+        self.blocked_servers = frozenset(blocked_servers)
+        self.active_adapter: str | None = None  # LoRA adapter requests use; routes avoid servers without it
+        self.pings = PingAggregator()
+        self.push = False
+        self._pinging = False
+        self._rng = random.Random()
         self.num_blocks = num_blocks
         self.map_max_age = map_max_age
         self.wait_for_coverage = wait_for_coverage
@@ -83,19 +98,54 @@ class SwarmClient:
         """Synchronous :meth:`swarm_map`."""
         return self.node.call(lambda: self.swarm_map(fresh=fresh))
 
-    async def route(self, start: int, end: int) -> list[SpanRoute]:
-        """A chain of servers for blocks [start, end); waits up to ``wait_for_coverage`` s for missing blocks."""
+    async def route(self, start: int, end: int, *, purpose: str = "inference",
+                    cache_tokens: int | None = None) -> list[SpanRoute]:
+        """A chain of servers for blocks [start, end); waits up to ``wait_for_coverage`` s for missing blocks.
+
+        ``purpose="inference"``: the fastest chain per token (see :func:`choose_chain`); ``"forward"``: a chain
+        spread over servers by throughput (see :func:`choose_forward_chain`).
+        """
         deadline = time.monotonic() + self.wait_for_coverage
         fresh = False
         while True:
             swarm = await self.swarm_map(fresh=fresh)
+            lists = dict(banned=self.bans.banned(), allowed=self.allowed_servers, blocked=self.blocked_servers)
+            if self.active_adapter is not None:
+                lists["blocked"] = self.blocked_servers | {
+                    s.peer_id for s in swarm.servers.values() if self.active_adapter not in s.adapters}
             try:
-                return choose_chain(swarm, start, end, banned=self.bans.banned())
+                if purpose == "forward":
+                    return choose_forward_chain(swarm, start, end, rng=self._rng, **lists)
+                await self._refresh_pings(swarm, start, end, lists)
+                return choose_chain(swarm, start, end, rng=self._rng, pings=self.pings.to_dict(),
+                                    cache_tokens=cache_tokens, push=self.push, **lists)
             except MissingBlocksError:
                 if time.monotonic() >= deadline:
                     raise
             fresh = True
             await trio.sleep(0.25)
+
+    async def _refresh_pings(self, swarm: SwarmMap, start: int, end: int, lists: dict) -> None:
+        """Measure round trips to servers not pinged lately: at once the first time, then in the background."""
+        stale = [s.peer_id for s in usable_servers(swarm, **lists)
+                 if s.start < end and s.end > start and self.pings.age(s.peer_id) > PING_REFRESH]
+        if not stale or self._pinging:
+            return
+        self._rng.shuffle(stale)
+        stale = stale[:MAX_PINGED]
+        first = not self.pings.to_dict()
+        self._pinging = True
+
+        async def ping_stale() -> None:
+            try:
+                await ping_many(self.node, stale, self.pings, timeout=FIRST_PING_TIMEOUT if first else 5.0)
+            finally:
+                self._pinging = False
+
+        if first:
+            await ping_stale()
+        else:
+            self.node.spawn(ping_stale)
 
     # ---- requests to servers ---------------------------------------------------------------------------
     async def rpc(self, peer_id: str, message: dict[str, Any], expected: str) -> dict[str, Any]:

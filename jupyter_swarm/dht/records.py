@@ -38,6 +38,7 @@ class ServerRecord:
     quant_type: str = "none"
     adapters: list[str] = field(default_factory=list)
     next_pings: dict[str, float] = field(default_factory=dict)  # RTT (s) to servers of the next blocks
+    moving_to: int | None = None  # start of the span this server is loading to move to (it still serves start:end)
     version: str = ""
     record_version: int = RECORD_VERSION
 
@@ -57,6 +58,9 @@ class ServerRecord:
             record = cls._parse(data)
             if num_blocks is not None and record.end > num_blocks:
                 raise ValueError(f"span {record.start}:{record.end} is outside the model's {num_blocks} blocks")
+            if num_blocks is not None and record.moving_to is not None and \
+                    record.moving_to + record.end - record.start > num_blocks:
+                raise ValueError(f"moving_to {record.moving_to} puts the span outside the model's {num_blocks} blocks")
             return record
         except (TypeError, ValueError, KeyError) as e:
             peer = data.get("peer_id", "?") if isinstance(data, dict) else "?"
@@ -82,6 +86,11 @@ class ServerRecord:
         peer_id = data.get("peer_id")
         if not isinstance(peer_id, str) or not peer_id:
             raise TypeError("peer_id must be a non-empty string")
+        moving_to = data.get("moving_to")
+        if moving_to is not None:
+            moving_to = _int(data, "moving_to")
+            if moving_to < 0:
+                raise ValueError(f"moving_to must be a block index, got {moving_to}")
         return cls(
             peer_id=peer_id,
             addrs=addrs,
@@ -96,6 +105,7 @@ class ServerRecord:
             quant_type=str(data.get("quant_type", "none")),
             adapters=adapters,
             next_pings={str(k): _positive(v, "ping") for k, v in pings.items()},
+            moving_to=moving_to,
             version=str(data.get("version", "")),
             record_version=_int(data, "record_version", RECORD_VERSION),
         )

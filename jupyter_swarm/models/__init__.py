@@ -1,4 +1,4 @@
-"""Model adapters: one small module per family on top of transformers' own layers.
+"""Model families: one small module per family on top of transformers' own layers.
 
 Which parts of a model the client holds (:class:`ClientHead`), how a server's span of blocks runs with a cache
 (:class:`BlockSpan`, :class:`SpanCache`), and tiny random models for tests (:func:`make_tiny_model`).

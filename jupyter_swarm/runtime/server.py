@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +16,19 @@ import jupyter_swarm
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
 from jupyter_swarm.dht.records import ServerRecord, ServerState
 from jupyter_swarm.dht.store import RecordStore
-from jupyter_swarm.dht.swarm_map import announce
+from jupyter_swarm.dht.swarm_map import SwarmMap, announce, read_swarm
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.models import BlockSpan, load_model_config
+from jupyter_swarm.models.config import config_dtype
+from jupyter_swarm.models.family import get_family
 from jupyter_swarm.p2p.host import DEFAULT_LISTEN, P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
+from jupyter_swarm.runtime.adapters import ServedAdapters
+from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
+from jupyter_swarm.runtime.pings import PingAggregator, ping_many
 from jupyter_swarm.runtime.service import SpanService
-from jupyter_swarm.wire.protocols import INFERENCE, RPC
+from jupyter_swarm.runtime.throughput import ThroughputInfo, get_throughput
+from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +55,51 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
     return start, end
 
 
+def parse_blocks_option(text: str | None, num_blocks: int, serve_blocks: int | None = None) -> tuple[int, int] | None:
+    """``--blocks``: None or ``auto`` -> None (automatic placement); ``A:B`` -> (A, B), checked against the model."""
+    if serve_blocks is not None and not 0 < serve_blocks <= num_blocks:
+        raise ConfigurationError(f"--num-blocks {serve_blocks} is outside the model: use 1..{num_blocks}")
+    if text is None or text.strip().lower() == "auto":
+        return None
+    if serve_blocks is not None:
+        raise ConfigurationError(f"--blocks {text} and --num-blocks {serve_blocks} contradict each other: give a "
+                                 "span (--blocks A:B), or a size for automatic placement (--num-blocks N), not both")
+    return parse_blocks(text, num_blocks)
+
+
+def block_bytes(model_config: Any, dtype: torch.dtype) -> int:
+    """Memory the weights of one block take, in bytes (built on the meta device: nothing is allocated)."""
+    family = get_family(model_config)
+    with torch.device("meta"):
+        block = family.make_block(family.span_config(model_config, 0, 1), 0)
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    return sum(p.numel() for p in block.parameters()) * size
+
+
+def available_memory(device: str) -> int:
+    """Free memory of ``device`` in bytes (GPU: free device memory; CPU: available system memory)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
 @dataclass
 class ServerConfig:
-    """Everything a block server needs; the CLI and the notebook build one of these."""
+    """Everything a block server needs; the CLI and the notebook build one of these.
+
+    ``start``/``end`` None means automatic placement: the server takes ``serve_blocks`` blocks (or as many as
+    ``memory_bytes`` holds, weights plus its cache budget) where the swarm's per-block throughput is lowest,
+    and re-checks its place every uniform(0, 2 x ``balance_period``) seconds.
+    """
 
     model: str
-    start: int
-    end: int
+    start: int | None = None
+    end: int | None = None
     initial_peers: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
     announce_addrs: list[str] = field(default_factory=list)
@@ -67,6 +112,13 @@ class ServerConfig:
     update_period: float = 30.0
     model_prefix: str | None = None
     throughput: float | None = None
+    serve_blocks: int | None = None
+    memory_bytes: int | None = None
+    balance_period: float = 60.0
+    balance_quality: float = BALANCE_QUALITY
+    bandwidth_mbps: float | None = None
+    max_pinged: int = 5
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters to host: PATH or NAME=PATH (runtime/adapters.py)
 
 
 class BlockServer:
@@ -80,8 +132,15 @@ class BlockServer:
         self.store: RecordStore | None = None
         self.service: SpanService | None = None
         self.span: BlockSpan | None = None
+        self.adapters: ServedAdapters | None = None
+        self.start_block, self.end_block = config.start, config.end
+        self.auto = config.start is None
+        self.moves = 0
+        self.moving_to: int | None = None
+        self.pings = PingAggregator()
         self._stop = threading.Event()
         self._throughput = config.throughput or 1.0
+        self._rates = ThroughputInfo(self._throughput, self._throughput, float("inf"))
 
     @property
     def peer_id(self) -> str:
@@ -95,32 +154,166 @@ class BlockServer:
     def start(self) -> "BlockServer":
         """Join the swarm (announcing 'joining'), load the span, then announce 'online'. Returns when online."""
         cfg = self.config
-        model_config = load_model_config(cfg.model)
+        model_config = self.model_config = load_model_config(cfg.model)
         total = self.num_blocks = num_blocks_of(model_config)
-        if not 0 <= cfg.start < cfg.end <= total:
+        if (cfg.start is None) != (cfg.end is None):
+            raise ConfigurationError("give both ends of the span (start and end), or neither for automatic placement")
+        if cfg.start is not None and not 0 <= cfg.start < cfg.end <= total:  # type: ignore[operator]
             raise ConfigurationError(
                 f"blocks {cfg.start}:{cfg.end} are outside the model: it has {total} blocks (0:{total})")
+        if cfg.serve_blocks is not None and not 0 < cfg.serve_blocks <= total:
+            raise ConfigurationError(f"num_blocks {cfg.serve_blocks} is outside the model: use 1..{total}")
         identity = load_or_create_identity(cfg.identity_path) if cfg.identity_path else new_identity()
         self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs).start()
         try:
             self.store = RecordStore(self.node)
             self._join(cfg.initial_peers)
+            if self.auto:
+                self.start_block, self.end_block = self.node.call(self._choose_span)
             self.node.spawn_from_thread(self._announce_loop)
-            self.span = BlockSpan.load(cfg.model, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device)
-            self.service = SpanService(self.span, cache_bytes=cfg.cache_bytes,
-                                       max_session_length=cfg.max_session_length,
-                                       session_timeout=cfg.session_timeout)
-            if cfg.throughput is None:
-                self._throughput = self._measure_throughput()
-            self.node.set_handler(RPC, self.service.handle_rpc)
-            self.node.set_handler(INFERENCE, self.service.handle_inference)
+            self.span = BlockSpan.load(cfg.model, self.start_block, self.end_block, dtype=cfg.dtype,
+                                       device=cfg.device)
+            self.service = self._make_service(self.span)
+            self._set_rates(self.span)
+            self.node.set_handler(RPC, self._handle_rpc)
+            self.node.set_handler(INFERENCE, self._handle_inference)
+            self.node.set_handler(PUSH, self._handle_push)
             self.state = ServerState.ONLINE
             self.node.call(self._announce_once)
+            self.node.spawn_from_thread(self._ping_loop)
+            if self.auto and cfg.balance_period > 0:
+                self.node.spawn_from_thread(self._balance_loop)
         except BaseException:
             self.node.shutdown()
             raise
-        logger.info("serving blocks %d:%d of %s as %s", cfg.start, cfg.end, self.prefix, self.addrs)
+        logger.info("serving blocks %d:%d of %s as %s", self.start_block, self.end_block, self.prefix, self.addrs)
         return self
+
+    # ---- placement and rebalancing ------------------------------------------------------------------
+    def span_length(self) -> int:
+        """Blocks to serve under automatic placement: ``serve_blocks``, or as many as the memory holds."""
+        cfg = self.config
+        if cfg.serve_blocks is not None:
+            return cfg.serve_blocks
+        dtype = cfg.dtype or config_dtype(self.model_config)
+        memory = cfg.memory_bytes if cfg.memory_bytes is not None else int(available_memory(cfg.device) * 0.8)
+        weights = block_bytes(self.model_config, dtype)
+        length = span_length_for_memory(memory - cfg.cache_bytes, weights, 0, self.num_blocks)
+        if memory - cfg.cache_bytes < weights:
+            raise ConfigurationError(
+                f"not enough memory for one block: {memory / 2**20:.0f} MiB usable, a block takes "
+                f"{weights / 2**20:.0f} MiB plus {cfg.cache_bytes / 2**20:.0f} MiB of cache budget; "
+                "lower --cache-mib or raise --memory-mib")
+        return length
+
+    async def read_map(self) -> SwarmMap:
+        assert self.store is not None
+        return await read_swarm(self.store, self.prefix, self.num_blocks)
+
+    async def _choose_span(self) -> tuple[int, int]:
+        swarm = await self.read_map()
+        start, end = choose_span(swarm.servers.values(), self.num_blocks, self.span_length(), exclude=self.peer_id)
+        logger.info("automatic placement: blocks %d:%d (%d server(s) in the swarm)", start, end, len(swarm.servers))
+        return start, end
+
+    async def _balance_loop(self) -> None:
+        period = self.config.balance_period
+        rng = random.Random()
+        while True:
+            await trio.sleep(rng.uniform(0, 2 * period))
+            try:
+                swarm = await self.read_map()
+                swarm.servers[self.peer_id] = self.record()
+                new_start = should_move(self.peer_id, swarm.servers.values(), self.num_blocks,
+                                        balance_quality=self.config.balance_quality, rng=rng)
+                if new_start is not None and self.moving_to is None:
+                    await self._move_to(new_start)
+            except Exception:  # noqa: BLE001 - a failed check is retried next period
+                logger.exception("rebalancing check failed")
+
+    async def _move_to(self, new_start: int) -> None:
+        """Load the new span while the old one keeps serving, then switch (open sessions finish on the old one)."""
+        cfg = self.config
+        length = self.end_block - self.start_block  # type: ignore[operator]
+        new_end = new_start + length
+        logger.warning("rebalancing: moving from blocks %d:%d to %d:%d", self.start_block, self.end_block,
+                       new_start, new_end)
+        self.moving_to = new_start
+        try:
+            await self._announce_once()  # others see where we are going and do not rush there too
+            span = await trio.to_thread.run_sync(
+                lambda: BlockSpan.load(cfg.model, new_start, new_end, dtype=cfg.dtype, device=cfg.device))
+        finally:
+            self.moving_to = None
+        service = self._make_service(span)
+        self.span, self.service = span, service
+        self.start_block, self.end_block = new_start, new_end
+        if cfg.throughput is None:
+            self._throughput = self._rates.throughput(length)
+        self.moves += 1
+        self.pings = PingAggregator()
+        await self._announce_once()
+
+    def _make_service(self, span: BlockSpan) -> SpanService:
+        cfg = self.config
+        if self.adapters is None:
+            self.adapters = ServedAdapters.load(cfg.adapters, span.family, self.num_blocks, dtype=span.dtype,
+                                                device=span.device)
+        service = SpanService(span, cache_bytes=cfg.cache_bytes, max_session_length=cfg.max_session_length,
+                              session_timeout=cfg.session_timeout, adapters=self.adapters)
+        service.open_push_stream = self._open_push_stream
+        return service
+
+    async def _handle_rpc(self, stream: Any) -> None:
+        assert self.service is not None
+        await self.service.handle_rpc(stream)
+
+    async def _handle_inference(self, stream: Any) -> None:
+        assert self.service is not None
+        await self.service.handle_inference(stream)
+
+    async def _handle_push(self, stream: Any) -> None:
+        assert self.service is not None
+        await self.service.handle_push(stream)
+
+    async def _open_push_stream(self, peer_id: str, addrs: list[str]) -> Any:
+        assert self.node is not None
+        self.node.remember_addrs(peer_id, addrs)
+        return await self.node.open_stream(peer_id, PUSH)
+
+    def _set_rates(self, span: BlockSpan) -> None:
+        cfg = self.config
+        if cfg.throughput is not None:
+            self._rates = ThroughputInfo(cfg.throughput, cfg.throughput, float("inf"))
+            self._throughput = cfg.throughput
+            return
+        self._rates = get_throughput(span, bandwidth_mbps=cfg.bandwidth_mbps)
+        self._throughput = self._rates.throughput(span.num_blocks)
+
+    # ---- pings to the servers of the next blocks ----------------------------------------------------------
+    async def _ping_loop(self) -> None:
+        rng = random.Random()
+        while True:
+            try:
+                if self.end_block is not None and self.end_block < self.num_blocks:
+                    swarm = await self.read_map()
+                    nxt = [s.peer_id for s in swarm.servers_for(self.end_block) if s.peer_id != self.peer_id]
+                    rng.shuffle(nxt)
+                    for record in swarm.servers.values():
+                        self.node.remember_addrs(record.peer_id, record.addrs)  # type: ignore[union-attr]
+                    await ping_many(self.node, nxt[:self.config.max_pinged], self.pings)
+                else:
+                    swarm = await self.read_map()
+                if self.auto and self.config.balance_period > 0 and self.moving_to is None:
+                    # a hole is worth closing now rather than at the next (slower) balance check
+                    swarm.servers[self.peer_id] = self.record()
+                    new_start = should_move(self.peer_id, swarm.servers.values(), self.num_blocks,
+                                            holes_only=True, rng=rng)
+                    if new_start is not None:
+                        await self._move_to(new_start)
+            except Exception:  # noqa: BLE001 - pings are best effort
+                logger.debug("pinging the next servers failed", exc_info=True)
+            await trio.sleep(self.config.update_period)
 
     def _join(self, initial_peers: list[str]) -> None:
         assert self.node is not None
@@ -141,28 +334,19 @@ class BlockServer:
 
         self.node.call(refresh)
 
-    def _measure_throughput(self) -> float:
-        """Inference steps per second through one block (batch 1, one token), a quick in-place estimate."""
-        assert self.span is not None
-        hidden = torch.zeros(1, 1, self.span.hidden_size, dtype=self.span.dtype, device=self.span.device)
-        with torch.inference_mode():
-            cache = self.span.new_cache(1, 8)
-            self.span(hidden, cache=cache)
-            began = time.perf_counter()
-            for _ in range(4):
-                self.span(hidden, cache=cache)
-            per_step = (time.perf_counter() - began) / 4
-        return self.span.num_blocks / max(per_step, 1e-6)
-
     def record(self) -> ServerRecord:
         """This server's current announcement."""
         assert self.node is not None
         cfg = self.config
+        pings = self.pings.to_dict()
         return ServerRecord(
-            peer_id=self.node.peer_id, addrs=self.node.addrs, start=cfg.start, end=cfg.end, state=self.state,
-            throughput=self._throughput, inference_rps=self._throughput, forward_rps=self._throughput,
+            peer_id=self.node.peer_id, addrs=self.node.addrs, start=self.start_block, end=self.end_block,
+            state=self.state, throughput=self._throughput, inference_rps=self._rates.inference_rps,
+            forward_rps=self._rates.forward_rps,
             cache_tokens_left=self.service.cache_tokens_left() if self.service else 0,
+            next_pings=dict(sorted(pings.items(), key=lambda kv: kv[1])[:16]), moving_to=self.moving_to,
             dtype=str(self.span.dtype if self.span else cfg.dtype or "float32").removeprefix("torch."),
+            adapters=list(self.adapters.names) if self.adapters else [],
             version=jupyter_swarm.__version__)
 
     async def _announce_once(self, ttl: float | None = None) -> None:

@@ -17,6 +17,7 @@ import trio
 from jupyter_swarm.errors import ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.models import BlockSpan
 from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
 from jupyter_swarm.runtime.validation import InvalidRequestError, check_hidden, check_prompts
 from jupyter_swarm.wire.messages import error_message, field as message_field, pack, unpack
@@ -24,6 +25,21 @@ from jupyter_swarm.wire.protocols import MAX_BATCH_SIZE
 from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
 
 logger = logging.getLogger(__name__)
+
+
+class BlocksNotServedError(InvalidRequestError):
+    """The request names blocks this server does not hold (any more: it may have moved); another server may."""
+
+
+# Inboxes of inference sessions that accept hidden states pushed by the previous server of their chain, by session
+# id (a random token the client gives each span of its chain; knowing it is what lets a peer push to a session).
+_PUSH_INBOXES: dict[str, trio.MemorySendChannel] = {}
+MAX_SESSION_ID_CHARS = 64
+
+
+def _is_invalid(error: Exception) -> bool:
+    """Would every server refuse this request? (Not when it only asked the wrong server for its blocks.)"""
+    return isinstance(error, (ProtocolError, RemoteError)) and not isinstance(error, BlocksNotServedError)
 
 
 @dataclass
@@ -43,8 +59,11 @@ class SpanService:
     """Serves one loaded :class:`BlockSpan` to many clients at once."""
 
     def __init__(self, span: BlockSpan, *, cache_bytes: int, max_session_length: int = 8192,
-                 session_timeout: float = 30 * 60, step_timeout: float = 5 * 60):
+                 session_timeout: float = 30 * 60, step_timeout: float = 5 * 60,
+                 adapters: ServedAdapters | None = None):
         self.span = span
+        self.adapters = adapters or ServedAdapters()
+        self.adapters.attach(span)
         self.budget = CacheBudget(cache_bytes)
         self.max_session_length = max_session_length
         self.session_timeout = session_timeout
@@ -52,16 +71,24 @@ class SpanService:
         self.stats = ServiceStats()
         self._compute = trio.CapacityLimiter(1)
         self._views: dict[tuple[int, int], BlockSpan] = {}
+        # set by the server: opens a push stream to a peer (peer id, addresses) -> FramedStream
+        self.open_push_stream: Any = None
 
     def view(self, message: dict[str, Any]) -> BlockSpan:
         """The blocks a request asks for (``start``/``end``, default: the whole span), sharing the span's weights."""
         start = message_field(message, "start", int, self.span.start)
         end = message_field(message, "end", int, self.span.end)
         if not self.span.start <= start < end <= self.span.end:
-            raise InvalidRequestError(
+            raise BlocksNotServedError(
                 f"blocks {start}:{end} are not served here; this server holds blocks {self.span.start}:{self.span.end}")
+        adapter = message_field(message, "active_adapter", str, None)
+        self.adapters.check(adapter)
+        ACTIVE_ADAPTER.set(adapter)  # this request's (or session's) task; its compute thread sees it too
         if (start, end) not in self._views:
-            self._views[(start, end)] = self.span.narrow(start, end)
+            view = self.span.narrow(start, end)
+            if view is not self.span:
+                self.adapters.attach(view)
+            self._views[(start, end)] = view
         return self._views[(start, end)]
 
     def cache_tokens_left(self) -> int:
@@ -84,7 +111,7 @@ class SpanService:
                 reply = await self._rpc(unpack(payload, ("forward", "backward", "info")))
             except SwarmError as e:
                 self.stats.errors += 1
-                reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
+                reply = error_message(str(e), invalid_request=_is_invalid(e))
             except Exception as e:  # a bug must not take the server down; tell the client what happened
                 logger.exception("forward/backward failed")
                 self.stats.errors += 1
@@ -159,43 +186,105 @@ class SpanService:
             if not 0 < batch_size <= MAX_BATCH_SIZE:
                 raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
             span = self.view(opening)
+            push = _push_options(opening)
             reservation = self.budget.reserve(span.cache_bytes(batch_size, max_length))
         except trio.TooSlowError:
             return
         except (ProtocolError, RemoteError, CacheFullError) as e:
             self.stats.errors += 1
-            await stream.send(error_message(str(e), invalid_request=not isinstance(e, CacheFullError)))
+            await stream.send(error_message(str(e), invalid_request=not isinstance(e, CacheFullError) and _is_invalid(e)))
             return
         self.stats.sessions_opened += 1
         self.stats.open_sessions += 1
         try:
             cache = span.new_cache(batch_size, max_length)
             await stream.send(pack({"type": "opened", "max_length": max_length}))
-            await self._serve_session(stream, span, cache, batch_size)
+            if push is None:
+                await self._serve_session(stream, span, cache, batch_size)
+            else:
+                await self._serve_push_session(stream, span, cache, batch_size, *push)
         finally:
             self.stats.open_sessions -= 1
             reservation.release()
 
-    async def _serve_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int) -> None:
+    async def _serve_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
+                             receive: Any = None, push_to: dict[str, Any] | None = None) -> None:
+        pusher = _Pusher(self, push_to) if push_to is not None else None
         while True:
             with trio.move_on_after(self.session_timeout) as idle:
                 try:
-                    payload = await stream.recv()
+                    payload = await (stream.recv() if receive is None else receive())
                 except SwarmError:
                     return  # client closed the session (or died): free the cache
+                if payload is None:
+                    return
             if idle.cancelled_caught:
                 await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
                 return
+            message = None
             try:
-                reply = await self._step(unpack(payload, "step"), span, cache, batch_size)
+                message = unpack(payload, "step")
+                reply = await self._step(message, span, cache, batch_size)
             except SwarmError as e:
                 self.stats.errors += 1
-                reply = error_message(str(e), invalid_request=isinstance(e, (ProtocolError, RemoteError)))
+                reply = error_message(str(e), invalid_request=_is_invalid(e))
             except Exception as e:
                 logger.exception("inference step failed")
                 self.stats.errors += 1
                 reply = error_message(f"server error: {e!r}")
+            if pusher is not None and message is not None and message.get("push") is True:
+                reply = await pusher.push(message, reply)
             await stream.send(reply)
+
+    async def _serve_push_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
+                                  session_id: str | None, push_to: dict[str, Any] | None) -> None:
+        """A session whose steps may also arrive from the previous server (``session_id``) and whose outputs may
+        go on to the next one (``push_to``); the client still gets every output on its own stream."""
+        if session_id is None:
+            await self._serve_session(stream, span, cache, batch_size, push_to=push_to)
+            return
+        if session_id in _PUSH_INBOXES:
+            await stream.send(error_message("session id already in use", invalid_request=True))
+            return
+        send, receive = trio.open_memory_channel[Any](16)
+
+        async def from_client() -> None:
+            while True:
+                try:
+                    payload = await stream.recv()
+                except SwarmError:
+                    payload = None
+                await send.send(payload)
+                if payload is None:
+                    return
+
+        _PUSH_INBOXES[session_id] = send
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(from_client)
+                await self._serve_session(stream, span, cache, batch_size, receive=receive.receive, push_to=push_to)
+                nursery.cancel_scope.cancel()
+        finally:
+            _PUSH_INBOXES.pop(session_id, None)
+
+    async def handle_push(self, stream: FramedStream) -> None:
+        """Steps pushed by other servers into our sessions (one-way; a step for an unknown session is dropped)."""
+        while True:
+            try:
+                payload = await stream.recv()
+            except SwarmError:
+                return
+            try:
+                session_id = message_field(unpack(payload, "step"), "session_id", str)
+            except (ProtocolError, RemoteError) as e:
+                logger.debug("ignoring a bad pushed step from %s: %s", stream.remote_peer, e)
+                continue
+            inbox = _PUSH_INBOXES.get(session_id)
+            if inbox is not None:
+                try:
+                    inbox.send_nowait(payload)
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    logger.debug("dropping a pushed step for busy or closed session %s", session_id)
 
     async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int) -> bytes:
         compression = _compression(message)
@@ -227,6 +316,56 @@ class SpanService:
             if beam is not None:
                 cache.reorder(beam.to(span.device))
             return span(hidden.to(span.device), cache=cache, prompts=_to(prompts, span.device)).cpu()
+
+
+def _push_options(opening: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None] | None:
+    """(session id, push target) of an opening message, or None for a plain session."""
+    session_id = message_field(opening, "session_id", str, None)
+    push_to = message_field(opening, "push_to", dict, None)
+    if session_id is None and push_to is None:
+        return None
+    if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} characters")
+    if push_to is not None:
+        peer = message_field(push_to, "peer_id", str)
+        target = message_field(push_to, "session_id", str)
+        addrs = message_field(push_to, "addrs", list, [])
+        if not 0 < len(target) <= MAX_SESSION_ID_CHARS or not all(isinstance(a, str) for a in addrs):
+            raise InvalidRequestError("push_to must name a peer_id, a session_id and a list of addresses")
+        push_to = {"peer_id": peer, "session_id": target, "addrs": addrs[:8]}
+    return session_id, push_to
+
+
+class _Pusher:
+    """Sends a session's outputs on to the next server's session; the reply to the client says whether it did."""
+
+    def __init__(self, service: SpanService, push_to: dict[str, Any]):
+        self.service, self.target = service, push_to
+        self.stream: FramedStream | None = None
+        self.broken = False
+
+    async def push(self, message: dict[str, Any], reply: bytes) -> bytes:
+        try:
+            output = unpack(reply, "output")
+        except (ProtocolError, RemoteError):
+            return reply  # an error goes to the client only
+        pushed = False
+        if not self.broken and self.service.open_push_stream is not None:
+            step = {"type": "step", "hidden": output["hidden"], "position": message_field(message, "position", int),
+                    "compression": message.get("compression", "none"), "session_id": self.target["session_id"],
+                    "push": True}
+            try:
+                with trio.fail_after(5):
+                    if self.stream is None:
+                        self.stream = await self.service.open_push_stream(self.target["peer_id"], self.target["addrs"])
+                    await self.stream.send(pack(step))
+                pushed = True
+            except (SwarmError, trio.TooSlowError) as e:
+                logger.info("could not push to %s (%s); the client will send that step itself",
+                            self.target["peer_id"], e)
+                self.broken = True
+        output["pushed"] = pushed
+        return pack(output)
 
 
 def _compression(message: dict[str, Any]) -> Compression:
