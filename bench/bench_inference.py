@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="environment variables for this process and every server, e.g. PY_YAMUX_RELEASE_ON_READ=0")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the benchmark model is made (once)")
+    p.add_argument("--push", action="store_true",
+                   help="also measure the swarm with server-to-server push (model.swarm.push = True), as a third side")
     p.add_argument("--profile", action="store_true",
                    help="time every step on the client and the servers and print where the per-token time goes")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
@@ -127,6 +129,69 @@ def fmt_rates(runs: list[dict[str, Any]], key: str = "tokens_per_s") -> str:
     return f"median {median(values):6.1f}  (min {min(values):.1f}, max {max(values):.1f})"
 
 
+def report(num_servers: int, spans: list[tuple[int, int]], routes: list[str], runs: dict[str, list[dict[str, Any]]],
+           cpu: dict[str, dict[str, float]], new_tokens: int) -> dict[str, Any]:
+    """Print one swarm size's results (local vs each swarm side) and return them for the JSON file."""
+    local_runs = runs["local"]
+    local_tps = median([r["tokens_per_s"] for r in local_runs])
+    local_dec = median([r["decode_tokens_per_s"] for r in local_runs])
+    tokens_made = new_tokens * len(local_runs)
+    local_cpu_ms = 1000 * sum(v for k, v in cpu["local"].items() if k.startswith("client/")) / tokens_made
+    first = 1000 * median([r["first_token_s"] for r in local_runs])
+    print(f"local  tokens/s {fmt_rates(local_runs)}   first token {first:.1f} ms   CPU {local_cpu_ms:.2f} ms/token")
+    entry: dict[str, Any] = {
+        "servers": num_servers, "spans": spans, "online_spans": routes, "local_tokens_per_s": local_tps,
+        "local_decode_tokens_per_s": local_dec, "local_cpu_ms_per_token": local_cpu_ms,
+        "local_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in local_runs], "sides": {}}
+    for side in (s for s in runs if s != "local"):
+        side_runs = runs[side]
+        tps = median([r["tokens_per_s"] for r in side_runs])
+        dec = median([r["decode_tokens_per_s"] for r in side_runs])
+        # the sides alternate, so each rep's local and swarm calls saw about the same machine load
+        paired = median([x["tokens_per_s"] / l["tokens_per_s"] for l, x in zip(local_runs, side_runs)])
+        cpu_ms = 1000 * sum(cpu[side].values()) / tokens_made
+        cpu_ratio = local_cpu_ms / cpu_ms if cpu_ms > 0 else float("nan")
+        first = 1000 * median([r["first_token_s"] for r in side_runs])
+        print(f"{side:5s}  tokens/s {fmt_rates(side_runs)}   first token {first:.1f} ms   CPU {cpu_ms:.2f} ms/token "
+              "(client + servers)")
+        print(f"  ratio {side}/local: {tps / local_tps:.3f} end to end (median of per-rep ratios {paired:.3f}), "
+              f"{dec / local_dec:.3f} decode only; by CPU per token {cpu_ratio:.3f}")
+        if side == "push":
+            steps = [r.get("push_steps", 0) for r in side_runs]
+            print(f"  server-to-server push steps per call: {min(steps)}..{max(steps)} (of {new_tokens})")
+        entry["sides"][side] = {
+            "tokens_per_s": tps, "decode_tokens_per_s": dec, "ratio": tps / local_tps, "paired_ratio": paired,
+            "decode_ratio": dec / local_dec, "cpu_ms_per_token": cpu_ms, "cpu_ratio": cpu_ratio,
+            "cpu_ms_per_token_by_thread": {k: 1000 * v / tokens_made for k, v in sorted(cpu[side].items())},
+            "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in side_runs]}
+    print("  (CPU ratio: a swarm step keeps one process busy at a time, so local CPU/token over the swarm's summed "
+          "CPU/token\n   estimates the ratio on an idle machine; other people's load moves it much less)")
+    spread = max(r["tokens_per_s"] for r in local_runs) / min(r["tokens_per_s"] for r in local_runs)
+    busy = os.getloadavg()[0]
+    entry.update(local_spread=spread, load_average=busy)
+    if spread > 1.25 or busy > 0.75 * (os.cpu_count() or 1):
+        print(f"WARNING: the machine is busy (load average {busy:.2f} on {os.cpu_count()} cpus, local tokens/s "
+              f"varied {spread:.2f}x): wall-clock ratios of this run are unreliable; trust the CPU ratio or run "
+              "again when the machine is quieter")
+    reference = local_runs[0]["tokens"]
+    every = [(side, r) for side in runs for r in runs[side]]
+    bad = [(side, r) for side, r in every if r["tokens"] != reference]
+    entry.update(tokens_match=not bad, tokens=reference)
+    if not bad:
+        print(f"tokens: all {len(every)} calls ({', '.join(runs)}) gave the same {new_tokens} tokens")
+    else:
+        side, r = bad[0]
+        pos = next(i for i, (a, b) in enumerate(zip(reference, r["tokens"])) if a != b)
+        print(f"TOKENS DIFFER: {len(bad)} of {len(every)} calls differ from the first local one "
+              f"(first: a {side} call, at token {pos})")
+    # flat keys of the client-driven swarm, for quick reading of the JSON
+    main_side = entry["sides"]["swarm"]
+    entry.update(swarm_tokens_per_s=main_side["tokens_per_s"], ratio=main_side["ratio"],
+                 paired_ratio=main_side["paired_ratio"], decode_ratio=main_side["decode_ratio"],
+                 cpu_ratio=main_side["cpu_ratio"])
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.update(args.env)  # before torch and libp2p are imported; servers get them through LocalSwarm
@@ -193,6 +258,19 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "swarms": [],
     }
+    sides = ["local", "swarm"] + (["push"] if args.push else [])
+    push_counter: dict[str, int] = {}
+    if args.push:
+        from jupyter_swarm.client.inference import InferenceSession
+
+        if hasattr(InferenceSession, "_push_step"):  # count the steps that really went server to server
+            original_push_step = InferenceSession._push_step
+
+            async def counted_push_step(self: Any, *a: Any, **k: Any) -> Any:
+                push_counter["steps"] = push_counter.get("steps", 0) + 1
+                return await original_push_step(self, *a, **k)
+
+            InferenceSession._push_step = counted_push_step
     all_match = True
     for num_servers in args.servers:
         spans = spans_for(num_servers, MODEL["num_layers"])
@@ -203,89 +281,64 @@ def main(argv: list[str] | None = None) -> int:
             run_env["JUPYTER_SWARM_BENCH_PROFILE"] = os.path.join(profile_dir, f"servers{num_servers}")
         with LocalSwarm(path, spans, extra_args=server_args, env=run_env or None) as swarm:
             model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+            if args.push and not hasattr(model.swarm, "push"):
+                raise SystemExit("--push: this version of the package has no model.swarm.push")
+            targets = {"local": local, "swarm": model, "push": model}
+
+            def run(side: str) -> dict[str, Any]:
+                if side == "push":
+                    model.swarm.push = True
+                    push_counter.clear()
+                elif args.push:
+                    model.swarm.push = False
+                if profile:
+                    profile.enabled = side == "swarm"  # the breakdown is of client-driven steps only
+                began_wall = time.time()
+                try:
+                    result = timed_generate(targets[side], input_ids, args.new_tokens)
+                finally:
+                    if args.push:
+                        model.swarm.push = False
+                if side == "swarm":
+                    swarm_windows.append((began_wall, time.time()))
+                if side == "push":
+                    result["push_steps"] = push_counter.get("steps", 0)
+                return result
+
             try:
                 print(f"swarm up and client connected in {time.perf_counter() - began:.1f} s", flush=True)
+                swarm_windows: list[tuple[float, float]] = []  # wall-clock spans of the client-driven calls
                 for _ in range(args.warmup):
-                    timed_generate(local, input_ids, args.new_tokens)
-                    timed_generate(model, input_ids, args.new_tokens)
+                    for side in sides:
+                        run(side)
                 if profile:
                     profile.reset()
-                measured_since = time.time()
-                local_runs, swarm_runs = [], []
+                swarm_windows.clear()
+                runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
                 pids = {"client": os.getpid(), **{f"server{s.start_block}:{s.end_block}": s.process.pid
                                                   for s in swarm.servers}}
-                swarm_cpu: dict[str, float] = {}  # CPU seconds by process/thread kind, over the swarm calls
-                local_cpu: dict[str, float] = {}
+                cpu: dict[str, dict[str, float]] = {side: {} for side in sides}  # CPU seconds by process/thread
                 for rep in range(args.reps):
-                    order = ("local", "swarm") if rep % 2 == 0 else ("swarm", "local")  # no fixed first mover
+                    order = sides[rep % len(sides):] + sides[:rep % len(sides)]  # no fixed first mover
                     for side in order:
-                        runs, cpu, target = ((local_runs, local_cpu, local) if side == "local"
-                                             else (swarm_runs, swarm_cpu, model))
                         cpu_before = thread_cpu(pids)
-                        runs.append(timed_generate(target, input_ids, args.new_tokens))
+                        runs[side].append(run(side))
                         for k, v in cpu_delta(cpu_before, thread_cpu(pids)).items():
-                            cpu[k] = cpu.get(k, 0.0) + v
-                    print(f"  rep {rep + 1}/{args.reps}: local {local_runs[-1]['tokens_per_s']:6.1f} tok/s, "
-                          f"swarm {swarm_runs[-1]['tokens_per_s']:6.1f} tok/s", flush=True)
+                            cpu[side][k] = cpu[side].get(k, 0.0) + v
+                    print(f"  rep {rep + 1}/{args.reps}: " + ", ".join(
+                        f"{side} {runs[side][-1]['tokens_per_s']:6.1f} tok/s" for side in sides), flush=True)
                 routes = [f"{r.start}:{r.end}" for r in model.swarm.read_map().online()]
             finally:
                 model.close()
         server_files = sorted(glob.glob(os.path.join(profile_dir, f"servers{num_servers}.*.json"))) \
             if profile_dir else []
-
-        reference = local_runs[0]["tokens"]
-        mismatches = [i for i, r in enumerate(local_runs + swarm_runs) if r["tokens"] != reference]
-        match = not mismatches
-        all_match &= match
-        local_tps = median([r["tokens_per_s"] for r in local_runs])
-        swarm_tps = median([r["tokens_per_s"] for r in swarm_runs])
-        local_dec = median([r["decode_tokens_per_s"] for r in local_runs])
-        swarm_dec = median([r["decode_tokens_per_s"] for r in swarm_runs])
-        # local and swarm calls alternate, so each rep's pair saw about the same machine load
-        paired = median([s["tokens_per_s"] / l["tokens_per_s"] for l, s in zip(local_runs, swarm_runs)])
-        for name, runs in (("local", local_runs), ("swarm", swarm_runs)):
-            first = 1000 * median([r["first_token_s"] for r in runs])
-            print(f"{name}  tokens/s {fmt_rates(runs)}   first token {first:.1f} ms")
-        print(f"ratio swarm/local: {swarm_tps / local_tps:.3f} end to end (median of per-rep ratios {paired:.3f}), "
-              f"{swarm_dec / local_dec:.3f} decode only (decode tokens/s: local {local_dec:.1f}, "
-              f"swarm {swarm_dec:.1f})")
-        tokens_made = args.new_tokens * args.reps
-        local_cpu_ms = 1000 * sum(v for k, v in local_cpu.items() if k.startswith("client/")) / tokens_made
-        swarm_cpu_ms = 1000 * sum(swarm_cpu.values()) / tokens_made
-        cpu_ratio = local_cpu_ms / swarm_cpu_ms if swarm_cpu_ms > 0 else float("nan")
-        if swarm_cpu_ms > 0:
-            print(f"CPU per token: local {local_cpu_ms:.2f} ms, swarm {swarm_cpu_ms:.2f} ms summed over the client and "
-                  f"servers -> local/swarm {cpu_ratio:.3f} (a swarm step keeps one process busy at a time, so this "
-                  f"estimates the ratio on an idle machine; other people's load moves it much less)")
-        local_spread = max(r["tokens_per_s"] for r in local_runs) / min(r["tokens_per_s"] for r in local_runs)
-        busy = os.getloadavg()[0]
-        if local_spread > 1.25 or busy > 0.75 * (os.cpu_count() or 1):
-            print(f"WARNING: the machine is busy (load average {busy:.2f} on {os.cpu_count()} cpus, local tokens/s "
-                  f"varied {local_spread:.2f}x): the wall-clock ratios of this run are unreliable; trust the CPU ratio "
-                  "or run again when the machine is quieter")
-        if match:
-            print(f"tokens: swarm == local in all {len(swarm_runs)} swarm and {len(local_runs)} local calls")
-        else:
-            first_bad = (local_runs + swarm_runs)[mismatches[0]]["tokens"]
-            pos = next(i for i, (a, b) in enumerate(zip(reference, first_bad)) if a != b)
-            print(f"TOKENS DIFFER: {len(mismatches)} calls differ from the first local one (first at token {pos})")
-        entry: dict[str, Any] = {
-            "servers": num_servers, "spans": spans, "online_spans": routes,
-            "local_tokens_per_s": local_tps, "swarm_tokens_per_s": swarm_tps, "ratio": swarm_tps / local_tps,
-            "paired_ratio": paired, "local_cpu_ms_per_token": local_cpu_ms, "swarm_cpu_ms_per_token": swarm_cpu_ms,
-            "cpu_ratio": cpu_ratio, "local_spread": local_spread, "load_average": busy,
-            "swarm_cpu_ms_per_token_by_thread": {k: 1000 * v / tokens_made for k, v in sorted(swarm_cpu.items())},
-            "local_decode_tokens_per_s": local_dec, "swarm_decode_tokens_per_s": swarm_dec,
-            "decode_ratio": swarm_dec / local_dec, "tokens_match": match,
-            "local_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in local_runs],
-            "swarm_runs": [{k: v for k, v in r.items() if k != "tokens"} for r in swarm_runs],
-            "tokens": reference,
-        }
+        entry = report(num_servers, spans, routes, runs, cpu, args.new_tokens)
+        all_match &= entry["tokens_match"]
         if profile:
-            from profile_summary import summarize  # bench/ is on sys.path with --profile
+            from profile_summary import summarize
 
-            entry["profile"] = summarize(profile, server_files, measured_since, num_servers, args.new_tokens,
-                                         local_runs, swarm_runs, swarm_cpu)
+            entry["profile"] = summarize(profile, server_files, swarm_windows, num_servers, args.new_tokens,
+                                         runs["local"], runs["swarm"], cpu["swarm"])
         results["swarms"].append(entry)
 
     if profile_dir:
@@ -294,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     results["tokens_match"] = all_match
     print("\n== summary (median tokens/s, end to end) ==")
     for e in results["swarms"]:
-        print(f"{e['servers']} servers: local {e['local_tokens_per_s']:6.1f}  swarm {e['swarm_tokens_per_s']:6.1f}  "
-              f"ratio {e['ratio']:.3f}  (paired {e['paired_ratio']:.3f}, decode only {e['decode_ratio']:.3f}, "
-              f"CPU {e['cpu_ratio']:.3f})  tokens {'match' if e['tokens_match'] else 'DIFFER'}")
+        for side in ("swarm", "push"):
+            if side in e["sides"]:
+                x = e["sides"][side]
+                print(f"{e['servers']} servers, {side:5s}: local {e['local_tokens_per_s']:6.1f}  {side} "
+                      f"{x['tokens_per_s']:6.1f}  ratio {x['ratio']:.3f}  (paired {x['paired_ratio']:.3f}, decode "
+                      f"only {x['decode_ratio']:.3f}, CPU {x['cpu_ratio']:.3f})  "
+                      f"tokens {'match' if e['tokens_match'] else 'DIFFER'}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cpus)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -65,6 +65,7 @@ class ClientProfile:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.enabled = True  # False: swarm-side records are dropped (the local model's are always kept)
         self.reset()
 
     def reset(self) -> None:
@@ -78,6 +79,8 @@ class ClientProfile:
             self.open_span: list[float] = []  # InferenceSession._open_span (new stream + "open" round trip)
 
     def add(self, kind: str, record: dict[str, float], key: int | None = None) -> None:
+        if not self.enabled and kind != "local_forward":
+            return
         with self.lock:
             if key is None:
                 getattr(self, kind).append(record)
@@ -152,7 +155,8 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
         try:
             return await original_open_chain(self, *args, **kwargs)
         finally:
-            profile.session_open.append(perf_counter() - t)
+            if profile.enabled:
+                profile.session_open.append(perf_counter() - t)
 
     original_open_span = InferenceSession._open_span
     marks: dict[str, float] = {}  # only the trio thread touches it
@@ -160,7 +164,8 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
     async def _open_span(self: Any, *args: Any, **kwargs: Any) -> Any:
         t = perf_counter()
         span = await original_open_span(self, *args, **kwargs)
-        profile.open_span.append(perf_counter() - t)
+        if profile.enabled:
+            profile.open_span.append(perf_counter() - t)
         _time_stream(span.stream, marks)
         return span
 
@@ -171,7 +176,8 @@ def install_client_hooks(profile: ClientProfile, local_model: Any) -> list[str]:
         try:
             return await original_route(self, *args, **kwargs)
         finally:
-            profile.route.append(perf_counter() - t)
+            if profile.enabled:
+                profile.route.append(perf_counter() - t)
 
     original_send_step = InferenceSession._send_step
 

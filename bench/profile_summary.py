@@ -15,8 +15,8 @@ def _col(records: list[dict[str, float]], key: str) -> list[float]:
     return [r[key] for r in records if key in r]
 
 
-def summarize(profile: Any, server_files: list[str], measured_since: float, num_servers: int, new_tokens: int,
-              local_runs: list[dict[str, Any]], swarm_runs: list[dict[str, Any]],
+def summarize(profile: Any, server_files: list[str], windows: list[tuple[float, float]], num_servers: int,
+              new_tokens: int, local_runs: list[dict[str, Any]], swarm_runs: list[dict[str, Any]],
               swarm_cpu: dict[str, float]) -> dict[str, Any]:
     """Print and return median milliseconds per decode token, by part."""
     decode = lambda rs: [r for r in rs if r.get("seq") == 1]  # noqa: E731 - prefill steps are left out
@@ -33,7 +33,7 @@ def summarize(profile: Any, server_files: list[str], measured_since: float, num_
             data = json.load(f)
         missing += data.get("not_instrumented", [])
         for r in data["records"]:
-            if r["wall"] >= measured_since and r.get("seq") == 1:
+            if r.get("seq") == 1 and any(t0 <= r["wall"] <= t1 for t0, t1 in windows):
                 servers.setdefault(int(r["start"]), []).append(r)
 
     out: dict[str, Any] = {"per_token_ms": {}, "spans": {}, "session_open_ms": _med(profile.session_open)}

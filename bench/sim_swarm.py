@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jupyter_swarm.client.routing import SpanRoute, chain_latency, choose_chain  # noqa: E402
+from jupyter_swarm.client.routing import SpanRoute, chain_latency, choose_chain, servers_to_ping  # noqa: E402
 from jupyter_swarm.dht.records import ServerRecord, ServerState  # noqa: E402
 from jupyter_swarm.dht.swarm_map import SwarmMap  # noqa: E402
 from jupyter_swarm.errors import MissingBlocksError  # noqa: E402
@@ -70,8 +70,9 @@ class SimServer:
 
 class Sim:
     def __init__(self, n: int, *, seed: int, minutes: float, update_period: float, balance_period: float,
-                 lifetime_minutes: float, load_seconds: float, hole_checks: bool = True):
+                 lifetime_minutes: float, load_seconds: float, hole_checks: bool = True, random_pings: bool = False):
         self.rng = random.Random(seed)
+        self.random_pings = random_pings
         self.hole_checks = hole_checks
         self.n, self.duration = n, minutes * 60
         self.update_period, self.balance_period = update_period, balance_period
@@ -185,11 +186,19 @@ class Sim:
         out = []
         for _ in range(requests):
             self.client_xy = (self.rng.random(), self.rng.random())
-            ids = list(swarm.servers)
-            self.rng.shuffle(ids)
-            # what a client knows: smoothed pings to up to 32 servers (10% noise); the rest are unknown
-            pings = {p: self.rtt("client", p) * self.rng.uniform(0.9, 1.1) for p in ids[:32]}
             banned = {p for p in swarm.servers if p not in live}  # a client learns dead servers by failing
+            # what a client knows: smoothed pings (10% noise) to the 32 servers it pinged before its first route
+            # (chosen by servers_to_ping, or at random with --random-pings), then 16 more pinged in the background
+            pings: dict[str, float] = {}
+            for limit in (32, 16):
+                if self.random_pings:
+                    ids = [p for p in swarm.servers if p not in pings]
+                    self.rng.shuffle(ids)
+                    chosen = ids[:limit]
+                else:
+                    chosen = servers_to_ping(swarm, 0, NUM_BLOCKS, pings=pings, stale=lambda p: p not in pings,
+                                             limit=limit, rng=self.rng, banned=banned)
+                pings.update({p: self.rtt("client", p) * self.rng.uniform(0.9, 1.1) for p in chosen})
             result = {}
             try:
                 for push in (False, True):
@@ -363,6 +372,8 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=60)
     parser.add_argument("--route-requests", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-pings", action="store_true",
+                        help="the client pings random servers instead of those servers_to_ping picks")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sim"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -373,7 +384,7 @@ def main() -> int:
         began = time.perf_counter()
         sim = Sim(n, seed=args.seed + n, minutes=mins, update_period=args.update_period,
                   balance_period=args.balance_period, lifetime_minutes=args.lifetime_minutes,
-                  load_seconds=args.load_seconds)
+                  load_seconds=args.load_seconds, random_pings=args.random_pings)
         results[n] = sim.run(sample_every=args.sample_every, route_requests=args.route_requests)
         summaries[n] = summarise(n, results[n])
         summaries[n]["simulated_minutes"] = mins

@@ -83,6 +83,8 @@ class ServerProcess:
 class LocalSwarm:
     """Start servers for ``spans`` of ``model``; the first one starts the swarm, the others join it."""
 
+    new_session = False  # start servers in their own session (see ServerProcess)
+
     def __init__(self, model: str, spans: Sequence[tuple[int | None, int | None]], *, extra_args: Sequence[str] = (),
                  env: dict[str, str] | None = None, new_session: bool = False):
         self.model = model

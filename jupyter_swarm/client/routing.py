@@ -172,6 +172,36 @@ def _shortest_chain(servers: list[ServerRecord], start: int, end: int, pings: Ma
     return chain
 
 
+def servers_to_ping(swarm: SwarmMap, start: int, end: int, *, pings: Mapping[str, float],
+                    stale: Callable[[str], bool], limit: int, rng: random.Random | None = None, push: bool = False,
+                    banned: Collection[str] = frozenset(), allowed: Collection[str] | None = None,
+                    blocked: Collection[str] = frozenset()) -> list[str]:
+    """Which servers a client should ping next (at most ``limit``, only ``stale`` ones): first those of the chain
+    it would choose now, then the other servers holding that chain's hop blocks (the alternatives that matter),
+    then the rest at random."""
+    rng = rng or random.Random()
+    lists = dict(banned=banned, allowed=allowed, blocked=blocked)
+    servers = [s for s in usable_servers(swarm, **lists) if s.start < end and s.end > start]
+    try:
+        chain = choose_chain(swarm, start, end, pings=pings, push=push, rng=rng, **lists)
+    except MissingBlocksError:
+        chain = []
+    hops = {r.start for r in chain} | {r.end - 1 for r in chain}
+    near = [s.peer_id for s in servers if any(s.start <= b < s.end for b in hops)]
+    others = [s.peer_id for s in servers]
+    rng.shuffle(near)
+    rng.shuffle(others)
+    order: list[str] = []
+    seen: set[str] = set()
+    for peer in [r.peer_id for r in chain] + near + others:
+        if peer not in seen and stale(peer):
+            seen.add(peer)
+            order.append(peer)
+            if len(order) >= limit:
+                break
+    return order
+
+
 def chain_latency(chain: list[SpanRoute], swarm: SwarmMap, rtt: Callable[[str, str], float], *, push: bool = False) -> float:
     """Expected seconds per token of ``chain`` under round trips ``rtt(a, b)`` (``"client"`` names the client).
 

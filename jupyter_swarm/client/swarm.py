@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain, choose_forward_chain, usable_servers
+from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain, choose_forward_chain, servers_to_ping
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
@@ -75,6 +75,7 @@ class SwarmClient:
         self._rng = random.Random()
         self.num_blocks = num_blocks
         self.map_max_age = map_max_age
+        self._map_refreshing = False
         self.wait_for_coverage = wait_for_coverage
         self.request_timeout = request_timeout
         self.bans = BanList(base_seconds=ban_seconds)
@@ -86,13 +87,30 @@ class SwarmClient:
 
     # ---- the swarm map ----------------------------------------------------------------------------
     async def swarm_map(self, *, fresh: bool = False) -> SwarmMap:
-        """The current swarm map (re-read at most every ``map_max_age`` seconds unless ``fresh``)."""
-        if fresh or self._map is None or time.monotonic() - self._map_time > self.map_max_age:
-            self._map = await read_swarm(self.store, self.model_prefix, self.num_blocks)
-            self._map_time = time.monotonic()
-            for record in self._map.servers.values():
-                self.node.remember_addrs(record.peer_id, record.addrs)
+        """The swarm map. ``fresh`` reads it now; otherwise the last map is returned at once and, when older than
+        ``map_max_age`` seconds, re-read in the background (reading costs 10-20 ms, too much per generate())."""
+        if fresh or self._map is None:
+            await self._read_map()
+        elif time.monotonic() - self._map_time > self.map_max_age and not self._map_refreshing:
+            self._map_refreshing = True
+            self.node.spawn(self._refresh_map_in_background)
+        assert self._map is not None
         return self._map
+
+    async def _refresh_map_in_background(self) -> None:
+        try:
+            await self._read_map()
+        except Exception:  # noqa: BLE001 - a failed refresh must not take the client's host down
+            logger.warning("could not refresh the swarm map; using the previous one", exc_info=True)
+
+    async def _read_map(self) -> None:
+        try:
+            swarm = await read_swarm(self.store, self.model_prefix, self.num_blocks)
+            for record in swarm.servers.values():
+                self.node.remember_addrs(record.peer_id, record.addrs)
+            self._map, self._map_time = swarm, time.monotonic()
+        finally:
+            self._map_refreshing = False
 
     def read_map(self, *, fresh: bool = True) -> SwarmMap:
         """Synchronous :meth:`swarm_map`."""
@@ -127,12 +145,13 @@ class SwarmClient:
 
     async def _refresh_pings(self, swarm: SwarmMap, start: int, end: int, lists: dict) -> None:
         """Measure round trips to servers not pinged lately: at once the first time, then in the background."""
-        stale = [s.peer_id for s in usable_servers(swarm, **lists)
-                 if s.start < end and s.end > start and self.pings.age(s.peer_id) > PING_REFRESH]
-        if not stale or self._pinging:
+        if self._pinging or not any(self.pings.age(s.peer_id) > PING_REFRESH for s in swarm.servers.values()
+                                    if s.start < end and s.end > start):
             return
-        self._rng.shuffle(stale)
-        stale = stale[:MAX_PINGED]
+        stale = servers_to_ping(swarm, start, end, pings=self.pings.to_dict(), limit=MAX_PINGED, rng=self._rng,
+                                stale=lambda peer: self.pings.age(peer) > PING_REFRESH, push=self.push, **lists)
+        if not stale:
+            return
         first = not self.pings.to_dict()
         self._pinging = True
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any
 
 import trio
 from libp2p.peer.id import ID

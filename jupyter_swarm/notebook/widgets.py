@@ -149,6 +149,7 @@ class GenerationWidget(widgets.VBox):
         self.done.clear()
         self._began = time.perf_counter()
         self._tokens = 0
+        self._times: list[float] = []
         self.generate_button.disabled, self.stop_button.disabled = True, False
         self.stats.value = "<i>waiting for the first token...</i>"
         self.route.value = ""
@@ -166,7 +167,11 @@ class GenerationWidget(widgets.VBox):
         self._tokens += 1
         elapsed = time.perf_counter() - self._began
         self._render_output(True)
-        self.stats.value = f"{self._tokens} tokens, {elapsed:.1f} s"
+        self._times.append(time.perf_counter())
+        recent = self._times[-16:]
+        speed = (f", {(len(recent) - 1) / (recent[-1] - recent[0]):.1f} tokens/s"
+                 if len(recent) > 1 and recent[-1] > recent[0] else "")
+        self.stats.value = f"{self._tokens} tokens, {elapsed:.1f} s{speed} (generating...)"
 
     def _on_done(self, result: GenerationResult) -> None:
         self.result = result

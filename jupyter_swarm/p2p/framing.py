@@ -13,6 +13,7 @@ from jupyter_swarm.errors import PeerUnavailableError, ProtocolError
 
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 _HEADER_BYTES = 4
+_READ_CHUNK = 64 * 1024
 
 
 class FramedStream:
@@ -22,6 +23,7 @@ class FramedStream:
         self._stream = stream
         self.max_frame_bytes = max_frame_bytes
         self.remote_peer = str(stream.muxed_conn.peer_id)
+        self._buffer = bytearray()
 
     async def send(self, payload: bytes) -> None:
         """Write one frame."""
@@ -34,23 +36,27 @@ class FramedStream:
 
     async def recv(self) -> bytes:
         """Read one frame; raises PeerUnavailableError if the stream ends first."""
-        size = int.from_bytes(await self._read_exactly(_HEADER_BYTES), "big")
+        await self._fill(_HEADER_BYTES)
+        size = int.from_bytes(self._buffer[:_HEADER_BYTES], "big")
         if size > self.max_frame_bytes:
             raise ProtocolError(
                 f"peer {self.remote_peer} announced a {size}-byte message, over the {self.max_frame_bytes}-byte limit")
-        return await self._read_exactly(size)
+        await self._fill(_HEADER_BYTES + size)
+        payload = bytes(self._buffer[_HEADER_BYTES:_HEADER_BYTES + size])
+        del self._buffer[:_HEADER_BYTES + size]
+        return payload
 
-    async def _read_exactly(self, size: int) -> bytes:
-        buf = bytearray()
+    async def _fill(self, size: int) -> None:
+        """Buffer at least ``size`` bytes. Reads take whatever has arrived (header and body together), since
+        every read of a yamux stream costs a window-update frame and a wake-up of the sender."""
         try:
-            while len(buf) < size:
-                chunk = await self._stream.read(size - len(buf))
+            while len(self._buffer) < size:
+                chunk = await self._stream.read(max(_READ_CHUNK, size - len(self._buffer)))
                 if not chunk:
                     raise EOFError("end of stream")
-                buf += chunk
+                self._buffer += chunk
         except (BaseLibp2pError, OSError, EOFError) as e:
             raise PeerUnavailableError(f"connection to peer {self.remote_peer} closed: {e!r}") from e
-        return bytes(buf)
 
     async def close(self) -> None:
         """Close our side; errors from an already-dead stream are ignored."""

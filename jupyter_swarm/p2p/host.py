@@ -40,6 +40,13 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PEER_ADDR_TTL = 3600
 
 
+def tune_yamux() -> None:
+    """py-libp2p's yamux sends a window update after every read by default; on request/response traffic that
+    is an extra encrypted frame per message. Returning credit in batches (its other mode) halves the frames.
+    An explicit PY_YAMUX_RELEASE_ON_READ in the environment wins."""
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
 def quiet_libp2p_logs() -> None:
     """py-libp2p logs ordinary disconnects at ERROR; keep that noise away from users unless asked for."""
     if not os.environ.get("JUPYTER_SWARM_DEBUG_P2P"):
@@ -96,6 +103,7 @@ class P2PNode:
     def start(self) -> "P2PNode":
         """Start the trio thread and the host; returns once it is listening."""
         quiet_libp2p_logs()
+        tune_yamux()
         self._portal_cm = start_blocking_portal(backend="trio")
         self._portal = self._portal_cm.__enter__()
         try:

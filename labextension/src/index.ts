@@ -4,6 +4,7 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import { URLExt } from '@jupyterlab/coreutils';
+import { INotebookTracker } from '@jupyterlab/notebook';
 import { ServerConnection } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
@@ -33,6 +34,7 @@ interface IServe {
 
 interface IKernelState {
   pid: number;
+  kernel_id?: string | null;
   connected: boolean;
   model: string | null;
   model_prefix?: string;
@@ -72,6 +74,8 @@ function el(tag: string, cls = '', text = ''): HTMLElement {
 class SwarmModel {
   kernel: IKernelState | null = null;
   error: string | null = null;
+  /** The kernel of the notebook in front: its swarm is the one shown when several kernels have one. */
+  preferredKernelId: () => string | null = () => null;
   private listeners: Array<() => void> = [];
   private timer: number | null = null;
 
@@ -93,7 +97,12 @@ class SwarmModel {
   async poll(): Promise<void> {
     try {
       const data = await requestAPI<{ kernels: IKernelState[] }>('state');
-      this.kernel = data.kernels.find(k => k.connected) || data.kernels[0] || null;
+      const preferred = this.preferredKernelId();
+      this.kernel =
+        data.kernels.find(k => preferred !== null && k.kernel_id === preferred) ||
+        data.kernels.find(k => k.connected) ||
+        data.kernels[0] ||
+        null;
       this.error = null;
     } catch (e) {
       this.error = String((e as Error).message || e);
@@ -281,9 +290,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'Swarm sidebar panel and status-bar item for jupyter-swarm',
   autoStart: true,
   requires: [ILabShell],
-  optional: [IStatusBar],
-  activate: (app: JupyterFrontEnd, shell: ILabShell, statusBar: IStatusBar | null) => {
+  optional: [IStatusBar, INotebookTracker],
+  activate: (
+    app: JupyterFrontEnd,
+    shell: ILabShell,
+    statusBar: IStatusBar | null,
+    notebooks: INotebookTracker | null
+  ) => {
     const model = new SwarmModel();
+    if (notebooks) {
+      model.preferredKernelId = () => notebooks.currentWidget?.sessionContext.session?.kernel?.id ?? null;
+      notebooks.currentChanged.connect(() => void model.poll());
+    }
     const panel = new SwarmPanel(model);
     shell.add(panel, 'left', { rank: 900 });
     if (statusBar) {

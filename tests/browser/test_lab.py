@@ -31,6 +31,19 @@ pytestmark = [
 ]
 
 
+@pytest.fixture
+def jp_asyncio_loop():
+    """No-op: pytest-jupyter's autouse loop fixture (active once tests/notebook loads the plugin) would close the
+    event loop Playwright's sync API is running."""
+    yield None
+
+
+@pytest.fixture
+def jp_server_cleanup():
+    """No-op: these tests run their own JupyterLab process, not pytest-jupyter's in-process server."""
+    yield
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +134,7 @@ def _run_cell_containing(page, text: str) -> None:
     page.keyboard.press("Shift+Enter")
 
 
-def test_quickstart_in_jupyterlab(page) -> None:
+def test_quickstart_in_jupyterlab(page, lab) -> None:
     nb = page.locator(NOTEBOOK)
     # ---- the sidebar and status bar know nothing yet ------------------------------------------------------
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('Swarm: not connected')")
@@ -132,6 +145,13 @@ def test_quickstart_in_jupyterlab(page) -> None:
     summary = nb.locator(".jupyter-swarm-summary")
     summary.filter(has_text="all blocks covered").wait_for(timeout=180_000)
     assert summary.locator(".jupyter-swarm-block").count() == 8
+    # the server extension sees this kernel's swarm, under the kernel's own id (the sidebar follows the notebook)
+    [kernel] = _api(lab, "GET", "/api/kernels")
+    deadline = time.monotonic() + 30
+    while not (states := [k for k in _api(lab, "GET", "/swarm/state")["kernels"] if k.get("num_blocks")]):
+        assert time.monotonic() < deadline, "the kernel's swarm state never reached the server"
+        time.sleep(0.5)
+    assert states[0]["kernel_id"] == kernel["id"] and states[0]["num_blocks"] == 8
     shot(page, "01-connected")
 
     for text in ("%swarm status", "%swarm peers", "%swarm route", '%swarm generate "Once upon a time"'):
@@ -165,8 +185,8 @@ def test_quickstart_in_jupyterlab(page) -> None:
     shot(page, "04-generation-stopped")
     gen.locator(".jupyter-swarm-prompt textarea").fill("The swarm")
     gen.locator("button.jupyter-swarm-generate").click()
-    # (the stopped run's stats also say tokens/s: wait for the new run's)
-    gen.locator(".jupyter-swarm-stats", has_text=re.compile(r"tokens/s(?!.*stopped)")).wait_for(timeout=120_000)
+    # (the stopped run's stats also say "ms per token": wait for the new run's, which is not stopped)
+    gen.locator(".jupyter-swarm-stats", has_text=re.compile(r"ms per token(?!.*stopped)")).wait_for(timeout=120_000)
     assert gen.locator(".jupyter-swarm-route").inner_text().startswith("route: client")
     shot(page, "05-generation-done")
 

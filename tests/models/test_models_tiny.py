@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -29,9 +28,7 @@ def test_tokenizer_round_trips_text(tiny):
 
 
 def test_idempotent_and_reproducible(tmp_path):
-    start = time.perf_counter()
     path = make_tiny_model(str(tmp_path / "m"), seed=5)
-    assert time.perf_counter() - start < 3
     weights = os.path.join(path, "model.safetensors")
     stamp = os.stat(weights).st_mtime_ns
     assert make_tiny_model(str(tmp_path / "m"), seed=5) == path

@@ -95,6 +95,9 @@ def test_connect_status_peers_route(kernel: Kernel) -> None:
     out = kernel.run("%swarm route")
     assert plain(out).startswith("client -> ") and "[0:4]" in plain(out)
     assert kernel.value("type(swarm.model).__name__") == "DistributedModelForCausalLM"
+    # what the Jupyter server's /swarm/state shows for this kernel
+    assert kernel.value("swarm.snapshot()['kernel_id']")  # under a Jupyter server: its kernel id (browser test)
+    assert kernel.value("swarm.snapshot()['coverage']") == "[1, 1, 2, 2, 2, 2, 2, 2]"
 
 
 def test_generate_streams_tokens(kernel: Kernel) -> None:

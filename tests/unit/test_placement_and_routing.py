@@ -171,7 +171,8 @@ def _brute_force(m: SwarmMap, num_blocks: int, rtt) -> float:
     return best
 
 
-def test_routing_1000_servers_takes_milliseconds():
+def test_routing_1000_servers_gives_a_contiguous_chain():
+    # Its speed (~3 ms) is measured in bench/sim_swarm.py; tests assert no timings on this shared machine.
     rng = random.Random(0)
     records = []
     for k in range(1000):
@@ -182,14 +183,9 @@ def test_routing_1000_servers_takes_milliseconds():
     m = smap(*records, num_blocks=80)
     pings = {f"s{k}": rng.uniform(0.001, 0.3) for k in range(0, 1000, 3)}
     choose_chain(m, 0, 80, pings=pings, push=True)
-    times = []
-    for _ in range(5):
-        began = time.perf_counter()
-        chain = choose_chain(m, 0, 80, pings=pings, push=True, cache_tokens=100)
-        times.append(time.perf_counter() - began)
+    chain = choose_chain(m, 0, 80, pings=pings, push=True, cache_tokens=100)
     assert chain[0].start == 0 and chain[-1].end == 80
     assert all(a.end == b.start for a, b in zip(chain, chain[1:]))
-    assert min(times) < 0.02, times  # typically ~3 ms; generous for a loaded shared machine
 
 
 # ---- forward/backward spreading ------------------------------------------------------------------------
