@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with automatic placement: mean period of the check whether moving the span would raise "
                             "the swarm's throughput (each wait is uniform in 0..2x this; 0 turns moving off)")
     serve.add_argument("--bandwidth-mbps", type=float, default=None, metavar="MBIT/S",
-                       help="network bandwidth used in the announced throughput (default 100)")
+                       help="network bandwidth used in the announced throughput (default: measured "
+                            "against an initial peer; 100 for a new swarm)")
     serve.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
                        help="addresses to listen on (default: loopback, a free port); "
                             "use /ip4/0.0.0.0/tcp/31337 to accept other machines")

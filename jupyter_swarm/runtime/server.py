@@ -27,8 +27,9 @@ from jupyter_swarm.runtime.adapters import ServedAdapters
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
 from jupyter_swarm.runtime.pings import PingAggregator, ping_many
 from jupyter_swarm.runtime.service import SpanService
+from jupyter_swarm.runtime.bandwidth import measure_bandwidth_to_any, serve_speedtest
 from jupyter_swarm.runtime.throughput import ThroughputInfo, get_throughput
-from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC
+from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC, SPEEDTEST
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class BlockServer:
         self.prefix = config.model_prefix or default_model_prefix(config.model)
         self.state = ServerState.JOINING
         self.node: P2PNode | None = None
+        self._joined_peers: list[str] = []
+        self.measured_bandwidth_mbps: float | None = None
         self.store: RecordStore | None = None
         self.service: SpanService | None = None
         self.span: BlockSpan | None = None
@@ -167,6 +170,7 @@ class BlockServer:
         self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs).start()
         try:
             self.store = RecordStore(self.node)
+            self.node.set_handler(SPEEDTEST, serve_speedtest)
             self._join(cfg.initial_peers)
             if self.auto:
                 self.start_block, self.end_block = self.node.call(self._choose_span)
@@ -287,7 +291,13 @@ class BlockServer:
             self._rates = ThroughputInfo(cfg.throughput, cfg.throughput, float("inf"))
             self._throughput = cfg.throughput
             return
-        self._rates = get_throughput(span, bandwidth_mbps=cfg.bandwidth_mbps)
+        bandwidth = cfg.bandwidth_mbps
+        if bandwidth is None and self._joined_peers:
+            bandwidth = self.node.call(measure_bandwidth_to_any, self.node, self._joined_peers)
+            if bandwidth is not None:
+                logger.info("measured %.0f Mbit/s to the swarm", bandwidth)
+        self.measured_bandwidth_mbps = bandwidth
+        self._rates = get_throughput(span, bandwidth_mbps=bandwidth)
         self._throughput = self._rates.throughput(span.num_blocks)
 
     # ---- pings to the servers of the next blocks ----------------------------------------------------------
@@ -322,7 +332,7 @@ class BlockServer:
         errors = []
         for address in initial_peers:
             try:
-                self.node.call(self.node.connect, address)
+                self._joined_peers.append(self.node.call(self.node.connect, address))
             except PeerUnavailableError as e:
                 errors.append(str(e))
         if len(errors) == len(initial_peers):
