@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from jupyter_swarm.errors import SwarmError
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--throughput", type=float, default=None,
                        help="announce this throughput (requests/s per block) instead of measuring it (measurements "
                             "are cached per device and model shape in ~/.cache/jupyter-swarm/throughput.json)")
+    serve.add_argument("--stop-with-parent", action="store_true",
+                       help="stop serving when the process that started this one exits (used by local swarms "
+                            "that notebooks and scripts start)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads for this server")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="NAME_OR_PATH",
                        help="LoRA adapters (peft save_pretrained directories) to host for the blocks; a client picks "
@@ -126,7 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
         memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters)
     server = BlockServer(config)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
+    if args.stop_with_parent:
+        _stop_when_parent_exits(server)
     server.start()
     print(f"serving blocks {server.start_block}:{server.end_block} of {server.prefix} ({total} blocks); "
           "connect with:", flush=True)
@@ -140,6 +146,22 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _stop_when_parent_exits(server: object) -> None:
+    """Servers a notebook or script started must not outlive it, even when it is SIGKILLed: once this
+    process is re-parented (its parent is gone), stop."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        server.request_stop()  # type: ignore[attr-defined]
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _status(args: argparse.Namespace) -> int:

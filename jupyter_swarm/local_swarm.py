@@ -23,7 +23,8 @@ class ServerProcess:
         self.start_block, self.end_block = start, end  # None: automatic placement (known once it printed its span)
         peers = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
-        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, *blocks, *peers, *extra_args]
+        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, *blocks, *peers,
+                        "--stop-with-parent", *extra_args]
         # new_session: a Ctrl-C (SIGINT) sent to the parent's process group, e.g. a Jupyter kernel interrupt,
         # does not reach the servers; they stop only when told to (stop(), or the parent's exit handlers).
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -33,6 +33,8 @@ from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC, SPEEDTEST
 
 logger = logging.getLogger(__name__)
 
+GOODBYE_TIMEOUT = 2.0
+
 
 def num_blocks_of(config: Any) -> int:
     """Number of transformer blocks of a model config (Llama-style or BLOOM-style names)."""
@@ -376,9 +378,13 @@ class BlockServer:
             await trio.sleep_until(began + period)
 
     def run_forever(self) -> None:
-        """Block until :meth:`stop` is called (e.g. from a signal handler)."""
+        """Block until :meth:`stop` or :meth:`request_stop` is called (e.g. from a signal handler)."""
         while not self._stop.wait(0.5):
             pass
+
+    def request_stop(self) -> None:
+        """Make :meth:`run_forever` return (safe in a signal handler); the caller then calls :meth:`stop`."""
+        self._stop.set()
 
     def stop(self) -> None:
         """Announce 'offline', close every session and the host. Idempotent."""
@@ -389,8 +395,13 @@ class BlockServer:
         self.state = ServerState.OFFLINE
         self.node = node
         try:
-            node.call(self._announce_once, 2.0)
+            node.call(self._say_goodbye)
         except Exception:  # noqa: BLE001 - best effort: the records expire anyway
             pass
         self.node = None
         node.shutdown()
+
+    async def _say_goodbye(self) -> None:
+        """Announce 'offline' briefly; unreachable replicas must not hold up a shutdown."""
+        with trio.move_on_after(GOODBYE_TIMEOUT):
+            await self._announce_once(2.0)

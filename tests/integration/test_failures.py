@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -87,3 +88,31 @@ def test_dead_server_disappears_from_status(model_path):
         assert victim.peer_id not in status["llama"].servers
         assert status["llama"].missing_blocks() == [2, 3]
         assert "MISSING blocks [2, 3]" in format_status(status)
+
+
+def test_local_swarm_servers_stop_when_their_parent_is_killed(model_path):
+    """A notebook kernel that dies (SIGKILL) must not leave its local servers and their ports behind."""
+    path = model_path("llama")
+    script = ("import time; from jupyter_swarm.local_swarm import LocalSwarm; "
+              f"swarm = LocalSwarm({path!r}, [(0, 4)], new_session=True); "
+              "print(swarm.servers[0].process.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(parent.stdout.readline())
+        os.kill(server_pid, 0)  # it is up
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(server_pid):
+            time.sleep(0.5)
+        assert not _alive(server_pid), "the server outlived the process that started it"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited and only awaits reaping
+    except FileNotFoundError:
+        return False
