@@ -6,10 +6,12 @@ peer as a failure immediately instead of waiting for a timeout.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 
-from jupyter_swarm.errors import PeerUnavailableError, ProtocolError
+from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, SwarmError
 
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 _HEADER_BYTES = 4
@@ -45,6 +47,18 @@ class FramedStream:
         payload = bytes(self._buffer[_HEADER_BYTES:_HEADER_BYTES + size])
         del self._buffer[:_HEADER_BYTES + size]
         return payload
+
+    async def recv_or_none(self) -> bytes | None:
+        """Read one frame, or None once the stream has ended, failed or sent an over-limit frame."""
+        try:
+            return await self.recv()
+        except SwarmError:
+            return None
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """Every frame the peer sends, until the stream ends (a server's request loop)."""
+        while (payload := await self.recv_or_none()) is not None:
+            yield payload
 
     async def _fill(self, size: int) -> None:
         """Buffer at least ``size`` bytes. Reads take whatever has arrived (header and body together), since

@@ -26,11 +26,7 @@ TIMEOUT = 20.0
 async def serve_speedtest(stream: FramedStream) -> None:
     """Acknowledge each payload (at most SPEEDTEST_MAX_BYTES) with its size."""
     stream.max_frame_bytes = SPEEDTEST_MAX_BYTES
-    while True:
-        try:
-            payload = await stream.recv()
-        except SwarmError:
-            return
+    async for payload in stream.frames():
         await stream.send(pack({"type": "received", "bytes": len(payload)}))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -102,21 +103,30 @@ class SpanService:
     # ---- forward / backward ------------------------------------------------------------------------
     async def handle_rpc(self, stream: FramedStream) -> None:
         """Answer forward/backward/info requests on one stream until the client closes it."""
-        while True:
+        async for payload in stream.frames():
             try:
-                payload = await stream.recv()
-            except SwarmError:
-                return
-            try:
-                reply = await self._rpc(unpack(payload, ("forward", "backward", "info")))
+                message = unpack(payload, ("forward", "backward", "info"))
             except SwarmError as e:
-                self.stats.errors += 1
-                reply = error_message(str(e), invalid_request=_is_invalid(e))
-            except Exception as e:  # a bug must not take the server down; tell the client what happened
-                logger.exception("forward/backward failed")
-                self.stats.errors += 1
-                reply = error_message(f"server error: {e!r}")
+                reply = self._refusal(e)
+            else:
+                reply = await self._answer("forward/backward", self._rpc, message)
             await stream.send(reply)
+
+    def _refusal(self, error: SwarmError) -> bytes:
+        """The error reply to a request the server refused or could not serve."""
+        self.stats.errors += 1
+        return error_message(str(error), invalid_request=_is_invalid(error))
+
+    async def _answer(self, what: str, handle: Callable[..., Awaitable[bytes]], *args: Any) -> bytes:
+        """``await handle(*args)``; a refusal or a bug becomes an error reply, never a dead server."""
+        try:
+            return await handle(*args)
+        except SwarmError as e:
+            return self._refusal(e)
+        except Exception as e:  # a bug must not take the server down; tell the client what happened
+            logger.exception("%s failed", what)
+            self.stats.errors += 1
+            return error_message(f"server error: {e!r}")
 
     async def _rpc(self, message: dict[str, Any]) -> bytes:
         kind = message["type"]
@@ -212,26 +222,18 @@ class SpanService:
         pusher = _Pusher(self, push_to) if push_to is not None else None
         while True:
             with trio.move_on_after(self.session_timeout) as idle:
-                try:
-                    payload = await (stream.recv() if receive is None else receive())
-                except SwarmError:
-                    return  # client closed the session (or died): free the cache
+                payload = await (stream.recv_or_none() if receive is None else receive())
                 if payload is None:
-                    return
+                    return  # client closed the session (or died): free the cache
             if idle.cancelled_caught:
                 await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
                 return
-            message = None
             try:
                 message = unpack(payload, "step")
-                reply = await self._step(message, span, cache, batch_size)
             except SwarmError as e:
-                self.stats.errors += 1
-                reply = error_message(str(e), invalid_request=_is_invalid(e))
-            except Exception as e:
-                logger.exception("inference step failed")
-                self.stats.errors += 1
-                reply = error_message(f"server error: {e!r}")
+                message, reply = None, self._refusal(e)
+            else:
+                reply = await self._answer("inference step", self._step, message, span, cache, batch_size)
             if pusher is not None and message is not None and message.get("push") is True:
                 reply = await pusher.push(message, reply)
             await stream.send(reply)
@@ -249,14 +251,9 @@ class SpanService:
         send, receive = trio.open_memory_channel[Any](16)
 
         async def from_client() -> None:
-            while True:
-                try:
-                    payload = await stream.recv()
-                except SwarmError:
-                    payload = None
+            async for payload in stream.frames():
                 await send.send(payload)
-                if payload is None:
-                    return
+            await send.send(None)  # the client is gone: end the session
 
         _PUSH_INBOXES[session_id] = send
         try:
@@ -269,11 +266,7 @@ class SpanService:
 
     async def handle_push(self, stream: FramedStream) -> None:
         """Steps pushed by other servers into our sessions (one-way; a step for an unknown session is dropped)."""
-        while True:
-            try:
-                payload = await stream.recv()
-            except SwarmError:
-                return
+        async for payload in stream.frames():
             try:
                 session_id = message_field(unpack(payload, "step"), "session_id", str)
             except (ProtocolError, RemoteError) as e:
