@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 from libp2p.peer.id import ID
@@ -123,39 +125,29 @@ class RecordStore:
 
     async def put_many(self, values: dict[str, bytes], ttl: float) -> int:
         """Store several keys at once, batching the requests per replica; returns the fewest replicas any key got."""
-        by_peer: dict[str, dict[str, bytes]] = {}
-        for key, value in values.items():
-            for peer in self.replicas_for(key, include_self=True):
-                by_peer.setdefault(peer, {})[key] = value
         stored: dict[str, int] = {key: 0 for key in values}
 
-        async def store_at(peer: str, batch: dict[str, bytes]) -> None:
-            try:
-                if peer == self.node.peer_id:
+        async def store_at(peer: str, keys: list[str]) -> None:
+            batch = {key: values[key] for key in keys}
+            if peer == self.node.peer_id:
+                try:
                     for key, value in batch.items():
                         self.local.put(key, peer, value, ttl)
-                else:
-                    reply = await self.node.request(
-                        peer, PROTOCOL, pack({"type": "store", "values": batch, "ttl": ttl}), REQUEST_TIMEOUT)
-                    unpack(reply, "stored")
-                    self._answered.add(peer)
-                for key in batch:
-                    stored[key] += 1
-            except (SwarmError, trio.TooSlowError) as e:
-                logger.debug("could not store records at %s: %r", peer, e)
-                self._peer_failed(peer)
+                except ProtocolError as e:
+                    logger.debug("could not store records here: %r", e)
+                    return
+            elif await self._ask(peer, {"type": "store", "values": batch, "ttl": ttl}, "stored") is None:
+                return
+            for key in batch:
+                stored[key] += 1
 
         async with trio.open_nursery() as nursery:
-            for peer, batch in by_peer.items():
-                nursery.start_soon(store_at, peer, batch)
+            for peer, keys in self._group_by_replica(values).items():
+                nursery.start_soon(store_at, peer, keys)
         return min(stored.values(), default=0)
 
     async def get_many(self, keys: list[str]) -> dict[str, dict[str, tuple[bytes, float]]]:
         """Read ``keys`` from their replicas; returns {key: {subkey: (value, seconds left)}} (freshest wins)."""
-        by_peer: dict[str, list[str]] = {}
-        for key in keys:
-            for peer in self.replicas_for(key, include_self=True):
-                by_peer.setdefault(peer, []).append(key)
         merged: dict[str, dict[str, tuple[bytes, float]]] = {key: {} for key in keys}
 
         def merge(key: str, entries: dict[str, tuple[bytes, float]]) -> None:
@@ -168,24 +160,40 @@ class RecordStore:
                 for key in peer_keys:
                     merge(key, self.local.get(key))
                 return
-            try:
-                reply = unpack(await self.node.request(
-                    peer, PROTOCOL, pack({"type": "get", "keys": peer_keys}), REQUEST_TIMEOUT), "found")
-                found = field(reply, "records", dict)
-                self._answered.add(peer)
-                for key, entries in found.items():
-                    if key in merged and isinstance(entries, dict):
-                        merge(key, {str(s): (bytes(v[0]), float(v[1])) for s, v in entries.items()
-                                    if isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes)
-                                    and isinstance(v[1], (int, float))})
-            except (SwarmError, trio.TooSlowError) as e:
-                logger.debug("could not read records from %s: %r", peer, e)
-                self._peer_failed(peer)
+            found = await self._ask(peer, {"type": "get", "keys": peer_keys}, "found",
+                                    read=lambda reply: field(reply, "records", dict))
+            for key, entries in (found or {}).items():
+                if key in merged and isinstance(entries, dict):
+                    merge(key, {str(s): (bytes(v[0]), float(v[1])) for s, v in entries.items()
+                                if isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes)
+                                and isinstance(v[1], (int, float))})
 
         async with trio.open_nursery() as nursery:
-            for peer, peer_keys in by_peer.items():
+            for peer, peer_keys in self._group_by_replica(keys).items():
                 nursery.start_soon(get_from, peer, peer_keys)
         return merged
+
+    def _group_by_replica(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """{replica peer: the keys it holds}, so that each replica gets one request."""
+        by_peer: dict[str, list[str]] = {}
+        for key in keys:
+            for peer in self.replicas_for(key, include_self=True):
+                by_peer.setdefault(peer, []).append(key)
+        return by_peer
+
+    async def _ask(self, peer: str, message: dict[str, Any], expected: str,
+                   read: Callable[[dict[str, Any]], Any] = lambda reply: reply) -> Any:
+        """One request to a replica, its reply passed through ``read``; None (and the peer set aside for a
+        while) when it does not answer, or answers nonsense."""
+        try:
+            reply = unpack(await self.node.request(peer, PROTOCOL, pack(message), REQUEST_TIMEOUT), expected)
+            result = read(reply)
+        except (SwarmError, trio.TooSlowError) as e:
+            logger.debug("replica %s failed a %s request: %r", peer, message["type"], e)
+            self._peer_failed(peer)
+            return None
+        self._answered.add(peer)
+        return result
 
     # ---- server side --------------------------------------------------------------------------------
     async def _handle(self, stream: FramedStream) -> None:
