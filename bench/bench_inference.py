@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="environment variables for this process and every server, e.g. PY_YAMUX_RELEASE_ON_READ=0")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the benchmark model is made (once)")
-    p.add_argument("--push", action="store_true",
-                   help="also measure the swarm with server-to-server push (model.swarm.push = True), as a third side")
+    p.add_argument("--client-driven", action="store_true",
+                   help="also measure the swarm with the client sending every step to every server "
+                        "(model.swarm.push = False) as a third side; --profile implies it")
     p.add_argument("--profile", action="store_true",
                    help="time every step on the client and the servers and print where the per-token time goes")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
@@ -152,13 +153,13 @@ def report(num_servers: int, spans: list[tuple[int, int]], routes: list[str], ru
         cpu_ms = 1000 * sum(cpu[side].values()) / tokens_made
         cpu_ratio = local_cpu_ms / cpu_ms if cpu_ms > 0 else float("nan")
         first = 1000 * median([r["first_token_s"] for r in side_runs])
-        print(f"{side:5s}  tokens/s {fmt_rates(side_runs)}   first token {first:.1f} ms   CPU {cpu_ms:.2f} ms/token "
+        print(f"{side:13s}  tokens/s {fmt_rates(side_runs)}   first token {first:.1f} ms   CPU {cpu_ms:.2f} ms/token "
               "(client + servers)")
         print(f"  ratio {side}/local: {tps / local_tps:.3f} end to end (median of per-rep ratios {paired:.3f}), "
               f"{dec / local_dec:.3f} decode only; by CPU per token {cpu_ratio:.3f}")
-        if side == "push":
-            steps = [r.get("push_steps", 0) for r in side_runs]
-            print(f"  server-to-server push steps per call: {min(steps)}..{max(steps)} (of {new_tokens})")
+        if side == "swarm":
+            steps = [r.get("relayed_steps", 0) for r in side_runs]
+            print(f"  steps relayed server to server per call: {min(steps)}..{max(steps)} (of {new_tokens})")
         entry["sides"][side] = {
             "tokens_per_s": tps, "decode_tokens_per_s": dec, "ratio": tps / local_tps, "paired_ratio": paired,
             "decode_ratio": dec / local_dec, "cpu_ms_per_token": cpu_ms, "cpu_ratio": cpu_ratio,
@@ -258,19 +259,19 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "swarms": [],
     }
-    sides = ["local", "swarm"] + (["push"] if args.push else [])
-    push_counter: dict[str, int] = {}
-    if args.push:
-        from jupyter_swarm.client.inference import InferenceSession
+    client_driven = args.client_driven or args.profile
+    sides = ["local", "swarm"] + (["client-driven"] if client_driven else [])
+    relay_counter: dict[str, int] = {}
+    from jupyter_swarm.client.inference import InferenceSession
 
-        if hasattr(InferenceSession, "_push_step"):  # count the steps that really went server to server
-            original_push_step = InferenceSession._push_step
+    if hasattr(InferenceSession, "_relay_step"):  # count the steps that really went server to server
+        original_relay_step = InferenceSession._relay_step
 
-            async def counted_push_step(self: Any, *a: Any, **k: Any) -> Any:
-                push_counter["steps"] = push_counter.get("steps", 0) + 1
-                return await original_push_step(self, *a, **k)
+        async def counted_relay_step(self: Any, *a: Any, **k: Any) -> Any:
+            relay_counter["steps"] = relay_counter.get("steps", 0) + 1
+            return await original_relay_step(self, *a, **k)
 
-            InferenceSession._push_step = counted_push_step
+        InferenceSession._relay_step = counted_relay_step
     all_match = True
     for num_servers in args.servers:
         spans = spans_for(num_servers, MODEL["num_layers"])
@@ -281,28 +282,22 @@ def main(argv: list[str] | None = None) -> int:
             run_env["JUPYTER_SWARM_BENCH_PROFILE"] = os.path.join(profile_dir, f"servers{num_servers}")
         with LocalSwarm(path, spans, extra_args=server_args, env=run_env or None) as swarm:
             model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-            if args.push and not hasattr(model.swarm, "push"):
-                raise SystemExit("--push: this version of the package has no model.swarm.push")
-            targets = {"local": local, "swarm": model, "push": model}
+            targets = {"local": local, "swarm": model, "client-driven": model}
 
             def run(side: str) -> dict[str, Any]:
-                if side == "push":
-                    model.swarm.push = True
-                    push_counter.clear()
-                elif args.push:
-                    model.swarm.push = False
+                model.swarm.push = side != "client-driven"
+                relay_counter.clear()
                 if profile:
-                    profile.enabled = side == "swarm"  # the breakdown is of client-driven steps only
+                    profile.enabled = side == "client-driven"  # the per-span breakdown needs a reply per span
                 began_wall = time.time()
                 try:
                     result = timed_generate(targets[side], input_ids, args.new_tokens)
                 finally:
-                    if args.push:
-                        model.swarm.push = False
-                if side == "swarm":
+                    model.swarm.push = True
+                if side == "client-driven":
                     swarm_windows.append((began_wall, time.time()))
-                if side == "push":
-                    result["push_steps"] = push_counter.get("steps", 0)
+                if side == "swarm":
+                    result["relayed_steps"] = relay_counter.get("steps", 0)
                 return result
 
             try:
@@ -338,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             from profile_summary import summarize
 
             entry["profile"] = summarize(profile, server_files, swarm_windows, num_servers, args.new_tokens,
-                                         runs["local"], runs["swarm"], cpu["swarm"])
+                                         runs["local"], runs["client-driven"], cpu["client-driven"])
         results["swarms"].append(entry)
 
     if profile_dir:
@@ -347,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     results["tokens_match"] = all_match
     print("\n== summary (median tokens/s, end to end) ==")
     for e in results["swarms"]:
-        for side in ("swarm", "push"):
+        for side in ("swarm", "client-driven"):
             if side in e["sides"]:
                 x = e["sides"][side]
-                print(f"{e['servers']} servers, {side:5s}: local {e['local_tokens_per_s']:6.1f}  {side} "
+                print(f"{e['servers']} servers, {side:13s}: local {e['local_tokens_per_s']:6.1f}  {side} "
                       f"{x['tokens_per_s']:6.1f}  ratio {x['ratio']:.3f}  (paired {x['paired_ratio']:.3f}, decode "
                       f"only {x['decode_ratio']:.3f}, CPU {x['cpu_ratio']:.3f})  "
                       f"tokens {'match' if e['tokens_match'] else 'DIFFER'}")

@@ -222,14 +222,18 @@ def install_server_hooks(out_path: str) -> None:
     """Instrument SpanService in this process; write the records to ``out_path`` at exit."""
     from jupyter_swarm.runtime.service import SpanService
 
-    missing = [name for name in ("handle_inference", "_run") if not hasattr(SpanService, name)]
+    # decode steps go through _run_step (inline on the trio thread or to the compute thread); older versions: _run
+    run_name = "_run_step" if hasattr(SpanService, "_run_step") else "_run"
+    missing = [name for name in ("handle_inference", run_name) if not hasattr(SpanService, name)]
     records: list[dict[str, float]] = []
     current: dict[str, float] = {}  # the trio thread's current step (one session at a time in the benchmark)
 
     if not missing:
-        original_run = SpanService._run
+        original_run = getattr(SpanService, run_name)
 
-        async def _run(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        async def _run(self: Any, *call: Any, **kwargs: Any) -> Any:
+            # _run_step(tokens, fn, *args) or _run(fn, *args)
+            head, fn, args = (call[:1], call[1], call[2:]) if run_name == "_run_step" else ((), call[0], call[1:])
             box: dict[str, float] = {}
 
             def timed(*a: Any, **k: Any) -> Any:
@@ -240,7 +244,7 @@ def install_server_hooks(out_path: str) -> None:
                     box["end"] = perf_counter()
 
             t0 = perf_counter()
-            result = await original_run(self, timed, *args, **kwargs)
+            result = await original_run(self, *head, timed, *args, **kwargs)
             t3 = perf_counter()
             if "end" in box:
                 current.update(hop_in=box["start"] - t0, compute=box["end"] - box["start"], hop_out=t3 - box["end"],
@@ -274,7 +278,7 @@ def install_server_hooks(out_path: str) -> None:
             stream.send, stream.recv = timed_send, timed_recv
             return await original_handle(self, stream, *args, **kwargs)
 
-        SpanService._run = _run
+        setattr(SpanService, run_name, _run)
         SpanService.handle_inference = handle_inference
 
     def dump() -> None:

@@ -70,7 +70,7 @@ class SwarmClient:
         self.blocked_servers = frozenset(blocked_servers)
         self.active_adapter: str | None = None  # LoRA adapter requests use; routes avoid servers without it
         self.pings = PingAggregator()
-        self.push = False
+        self.push = True  # relay small inference steps from server to server (see client/inference.py)
         self._pinging = False
         self._rng = random.Random()
         self.num_blocks = num_blocks

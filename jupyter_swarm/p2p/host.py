@@ -1,7 +1,8 @@
 """One libp2p host per process, running on trio in a background thread.
 
 Synchronous code (and a Jupyter kernel's asyncio code) reaches the host through :meth:`P2PNode.call`,
-which crosses into the trio thread over an anyio blocking portal. Handlers and background tasks run
+which crosses into the trio thread with ``trio.from_thread`` (one wake-up each way; the thread itself is
+started and stopped by an anyio blocking portal). Handlers and background tasks run
 on that trio thread; they must never run model compute there (see ``trio.to_thread``).
 """
 
@@ -92,6 +93,7 @@ class P2PNode:
         self._dht_mode = DHTMode.SERVER if dht_server else DHTMode.CLIENT
         self._portal_cm: Any = None
         self._portal: BlockingPortal | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._stopped: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._handlers: dict[str, StreamHandler] = {}
@@ -116,6 +118,7 @@ class P2PNode:
 
     async def _run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         self._stopped = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
         kwargs: dict[str, Any] = {}
         if self._announce:
             kwargs["announce_addrs"] = self._announce
@@ -141,6 +144,7 @@ class P2PNode:
         """Stop every background task, close connections and the trio thread. Idempotent."""
         with self._lock:
             portal, self._portal = self._portal, None
+            self._token = None
         if portal is None:
             return
         try:
@@ -163,19 +167,27 @@ class P2PNode:
         return self._portal is not None
 
     # ---- the bridge from other threads ----------------------------------------------------------
+    # trio.from_thread costs one wake-up of each thread per call; an anyio portal call costs two round trips
+    # (it first asks the loop to start a task, then waits for it), which is most of a decode step's bridge time.
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await fn(*args)`` on the trio thread and return its result (blocking the caller)."""
-        portal = self._portal
-        if portal is None:
-            raise PeerUnavailableError("the libp2p host is not running (it was shut down or never started)")
-        return portal.call(fn, *args)
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._running_token())
+        except trio.RunFinishedError as e:
+            raise PeerUnavailableError("the libp2p host stopped while the call was waiting") from e
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a plain function on the trio thread (to touch state owned by it)."""
-        portal = self._portal
-        if portal is None:
-            raise PeerUnavailableError("the libp2p host is not running")
-        return portal.call(fn, *args)
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
+        except trio.RunFinishedError as e:
+            raise PeerUnavailableError("the libp2p host stopped while the call was waiting") from e
+
+    def _running_token(self) -> trio.lowlevel.TrioToken:
+        token = self._token
+        if token is None:
+            raise PeerUnavailableError("the libp2p host is not running (it was shut down or never started)")
+        return token
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start a background task in the node's nursery (call from the trio thread)."""

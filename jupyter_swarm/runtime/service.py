@@ -1,7 +1,9 @@
 """The requests a server answers for its span: forward, backward and streaming inference sessions.
 
-Handlers run on the libp2p trio thread; every model call goes to one compute thread through a
-capacity limiter, so networking never waits behind a forward pass and sessions never share a cache.
+Handlers run on the libp2p trio thread. Model calls take turns through a capacity limiter, so sessions never
+share a cache. Forward and backward run on a compute thread, so networking never waits behind a batch. A
+decode step predicted to finish within ``INLINE_STEP_SECONDS`` runs on the trio thread itself: handing it to
+a thread and back costs two thread wake-ups, about 1 ms of CPU on a small VM, as much as a small model's step.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ class BlocksNotServedError(InvalidRequestError):
     """The request names blocks this server does not hold (any more: it may have moved); another server may."""
 
 
-# Inboxes of inference sessions that accept hidden states pushed by the previous server of their chain, by session
-# id (a random token the client gives each span of its chain; knowing it is what lets a peer push to a session).
-_PUSH_INBOXES: dict[str, trio.MemorySendChannel] = {}
 MAX_SESSION_ID_CHARS = 64
+MAX_CARRY = 64  # hidden states a relayed step may carry: one per server of the chain before this one
+INLINE_STEP_SECONDS = 0.02
 
 
 def _is_invalid(error: Exception) -> bool:
@@ -71,9 +72,13 @@ class SpanService:
         self.step_timeout = step_timeout
         self.stats = ServiceStats()
         self._compute = trio.CapacityLimiter(1)
+        self._step_seconds_per_token: float | None = None  # measured; None until a first step ran
         self._views: dict[tuple[int, int], BlockSpan] = {}
         # set by the server: opens a push stream to a peer (peer id, addresses) -> FramedStream
         self.open_push_stream: Any = None
+        # sessions that take steps pushed by the previous server of their chain, by session id (a random token the
+        # client gives each span of its chain) -- and only from that server
+        self._push_inboxes: dict[str, _PushInbox] = {}
 
     def view(self, message: dict[str, Any]) -> BlockSpan:
         """The blocks a request asks for (``start``/``end``, default: the whole span), sharing the span's weights."""
@@ -99,6 +104,20 @@ class SpanService:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._compute)
+
+    async def _run_step(self, tokens: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` for an inference step of ``tokens`` (batch x new tokens): inline on the trio thread when
+        it is predicted to take under INLINE_STEP_SECONDS, otherwise on the compute thread."""
+        per_token = self._step_seconds_per_token
+        started = time.perf_counter()
+        if per_token is not None and tokens * per_token <= INLINE_STEP_SECONDS:
+            async with self._compute:
+                result = fn(*args)
+        else:
+            result = await self._run(fn, *args)
+        seconds = (time.perf_counter() - started) / tokens
+        self._step_seconds_per_token = seconds if per_token is None else 0.8 * per_token + 0.2 * seconds
+        return result
 
     # ---- forward / backward ------------------------------------------------------------------------
     async def handle_rpc(self, stream: FramedStream) -> None:
@@ -196,7 +215,7 @@ class SpanService:
             if not 0 < batch_size <= MAX_BATCH_SIZE:
                 raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
             span = self.view(opening)
-            push = _push_options(opening)
+            link = _relay_link(opening)
             reservation = self.budget.reserve(span.cache_bytes(batch_size, max_length))
         except trio.TooSlowError:
             return
@@ -209,10 +228,10 @@ class SpanService:
         try:
             cache = span.new_cache(batch_size, max_length)
             await stream.send(pack({"type": "opened", "max_length": max_length}))
-            if push is None:
+            if link is None:
                 await self._serve_session(stream, span, cache, batch_size)
             else:
-                await self._serve_push_session(stream, span, cache, batch_size, *push)
+                await self._serve_relay_session(stream, span, cache, batch_size, link)
         finally:
             self.stats.open_sessions -= 1
             reservation.release()
@@ -234,18 +253,19 @@ class SpanService:
                 message, reply = None, self._refusal(e)
             else:
                 reply = await self._answer("inference step", self._step, message, span, cache, batch_size)
-            if pusher is not None and message is not None and message.get("push") is True:
-                reply = await pusher.push(message, reply)
-            await stream.send(reply)
+            if message is not None and message.get("push") is True:
+                reply = await _relay(message, reply, pusher)
+            if reply is not None:
+                await stream.send(reply)
 
-    async def _serve_push_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
-                                  session_id: str | None, push_to: dict[str, Any] | None) -> None:
-        """A session whose steps may also arrive from the previous server (``session_id``) and whose outputs may
-        go on to the next one (``push_to``); the client still gets every output on its own stream."""
-        if session_id is None:
-            await self._serve_session(stream, span, cache, batch_size, push_to=push_to)
+    async def _serve_relay_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
+                                   link: _RelayLink) -> None:
+        """A session whose steps may also arrive from the previous server (``link.session_id``) and whose outputs
+        may go on to the next one (``link.push_to``)."""
+        if link.session_id is None:
+            await self._serve_session(stream, span, cache, batch_size, push_to=link.push_to)
             return
-        if session_id in _PUSH_INBOXES:
+        if link.session_id in self._push_inboxes:
             await stream.send(error_message("session id already in use", invalid_request=True))
             return
         send, receive = trio.open_memory_channel[Any](16)
@@ -255,29 +275,33 @@ class SpanService:
                 await send.send(payload)
             await send.send(None)  # the client is gone: end the session
 
-        _PUSH_INBOXES[session_id] = send
+        self._push_inboxes[link.session_id] = _PushInbox(send, link.accept_from)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(from_client)
-                await self._serve_session(stream, span, cache, batch_size, receive=receive.receive, push_to=push_to)
+                await self._serve_session(stream, span, cache, batch_size, receive=receive.receive,
+                                          push_to=link.push_to)
                 nursery.cancel_scope.cancel()
         finally:
-            _PUSH_INBOXES.pop(session_id, None)
+            self._push_inboxes.pop(link.session_id, None)
 
     async def handle_push(self, stream: FramedStream) -> None:
-        """Steps pushed by other servers into our sessions (one-way; a step for an unknown session is dropped)."""
+        """Steps pushed by other servers into our sessions (one-way). A step for an unknown session, or from a peer
+        other than the session's previous server, is dropped."""
         async for payload in stream.frames():
             try:
                 session_id = message_field(unpack(payload, "step"), "session_id", str)
             except (ProtocolError, RemoteError) as e:
                 logger.debug("ignoring a bad pushed step from %s: %s", stream.remote_peer, e)
                 continue
-            inbox = _PUSH_INBOXES.get(session_id)
-            if inbox is not None:
-                try:
-                    inbox.send_nowait(payload)
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    logger.debug("dropping a pushed step for busy or closed session %s", session_id)
+            inbox = self._push_inboxes.get(session_id)
+            if inbox is None or inbox.accept_from not in (None, stream.remote_peer):
+                logger.debug("ignoring a step pushed by %s for a session it does not feed", stream.remote_peer)
+                continue
+            try:
+                inbox.channel.send_nowait(payload)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                logger.debug("dropping a pushed step for busy or closed session %s", session_id)
 
     async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int) -> bytes:
         compression = _compression(message)
@@ -298,7 +322,9 @@ class SpanService:
                                  or bool((beam < 0).any()) or bool((beam >= batch_size).any())):
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
         prompts = self._prompts(message, hidden, span)
-        out = await self._run(self._inference_step, span, hidden, cache, beam, prompts)
+        _carried(message)  # refuse a bad carry before computing
+        out = await self._run_step(hidden.shape[0] * hidden.shape[1], self._inference_step, span, hidden, cache,
+                                   beam, prompts)
         self.stats.inference_steps += 1
         return pack({"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length})
 
@@ -311,10 +337,26 @@ class SpanService:
             return span(hidden.to(span.device), cache=cache, prompts=_to(prompts, span.device)).cpu()
 
 
-def _push_options(opening: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None] | None:
-    """(session id, push target) of an opening message, or None for a plain session."""
+@dataclass
+class _RelayLink:
+    """How a session takes part in a relay chain (the ``open`` message's session_id, push_to and accept_from)."""
+
+    session_id: str | None  # steps pushed with this id enter the session
+    push_to: dict[str, Any] | None  # the next server's peer_id, session_id and addrs
+    accept_from: str | None  # the only peer whose pushed steps are taken (None: any; kept for older clients)
+
+
+@dataclass
+class _PushInbox:
+    channel: trio.MemorySendChannel
+    accept_from: str | None
+
+
+def _relay_link(opening: dict[str, Any]) -> _RelayLink | None:
+    """The relay part of an opening message, or None for a plain session."""
     session_id = message_field(opening, "session_id", str, None)
     push_to = message_field(opening, "push_to", dict, None)
+    accept_from = message_field(opening, "accept_from", str, None)
     if session_id is None and push_to is None:
         return None
     if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
@@ -326,39 +368,61 @@ def _push_options(opening: dict[str, Any]) -> tuple[str | None, dict[str, Any] |
         if not 0 < len(target) <= MAX_SESSION_ID_CHARS or not all(isinstance(a, str) for a in addrs):
             raise InvalidRequestError("push_to must name a peer_id, a session_id and a list of addresses")
         push_to = {"peer_id": peer, "session_id": target, "addrs": addrs[:8]}
-    return session_id, push_to
+    return _RelayLink(session_id, push_to, accept_from)
+
+
+def _carried(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inputs a relayed step carries on: those it arrived with plus its own, when it arrived from a server
+    (a step with a ``carry`` field); a step straight from the client carries nothing (the client has its input)."""
+    carry = message_field(message, "carry", list, None)
+    if carry is None:
+        return []
+    if len(carry) >= MAX_CARRY or not all(isinstance(c, dict) for c in carry):
+        raise InvalidRequestError(f"carry must be a list of at most {MAX_CARRY - 1} encoded tensors")
+    return [*carry, message["hidden"]]
+
+
+async def _relay(message: dict[str, Any], reply: bytes, pusher: _Pusher | None) -> bytes | None:
+    """What to do with the output of a relayed step (``push: true``): push it on to the next server and tell the
+    client nothing (None), or -- at the end of the chain, or when the push failed -- answer the client with the
+    output and every input it carries, which the client keeps for replay."""
+    try:
+        output = unpack(reply, "output")
+    except (ProtocolError, RemoteError):
+        return reply  # an error goes to the client
+    carry = _carried(message)
+    if pusher is not None and await pusher.push(message, output, carry):
+        return None
+    output["carry"] = carry
+    output["pushed"] = False
+    return pack(output)
 
 
 class _Pusher:
-    """Sends a session's outputs on to the next server's session; the reply to the client says whether it did."""
+    """Sends a session's outputs on to the next server's session, until a push fails."""
 
     def __init__(self, service: SpanService, push_to: dict[str, Any]):
         self.service, self.target = service, push_to
         self.stream: FramedStream | None = None
         self.broken = False
 
-    async def push(self, message: dict[str, Any], reply: bytes) -> bytes:
+    async def push(self, message: dict[str, Any], output: dict[str, Any], carry: list[dict[str, Any]]) -> bool:
+        """Push one step's output (with the inputs it carries); False when it could not (the client takes over)."""
+        if self.broken or self.service.open_push_stream is None:
+            return False
+        step = {"type": "step", "hidden": output["hidden"], "position": message_field(message, "position", int),
+                "compression": message.get("compression", "none"), "session_id": self.target["session_id"],
+                "push": True, "carry": carry}
         try:
-            output = unpack(reply, "output")
-        except (ProtocolError, RemoteError):
-            return reply  # an error goes to the client only
-        pushed = False
-        if not self.broken and self.service.open_push_stream is not None:
-            step = {"type": "step", "hidden": output["hidden"], "position": message_field(message, "position", int),
-                    "compression": message.get("compression", "none"), "session_id": self.target["session_id"],
-                    "push": True}
-            try:
-                with trio.fail_after(5):
-                    if self.stream is None:
-                        self.stream = await self.service.open_push_stream(self.target["peer_id"], self.target["addrs"])
-                    await self.stream.send(pack(step))
-                pushed = True
-            except (SwarmError, trio.TooSlowError) as e:
-                logger.info("could not push to %s (%s); the client will send that step itself",
-                            self.target["peer_id"], e)
-                self.broken = True
-        output["pushed"] = pushed
-        return pack(output)
+            with trio.fail_after(5):
+                if self.stream is None:
+                    self.stream = await self.service.open_push_stream(self.target["peer_id"], self.target["addrs"])
+                await self.stream.send(pack(step))
+        except (SwarmError, trio.TooSlowError) as e:
+            logger.info("could not push to %s (%s); the client will send that step itself", self.target["peer_id"], e)
+            self.broken = True
+            return False
+        return True
 
 
 def _compression(message: dict[str, Any]) -> Compression:
