@@ -31,6 +31,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.identity import new_identity
+from jupyter_swarm.p2p.yamux_tuning import tune_yamux
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,13 +40,6 @@ StreamHandler = Callable[[FramedStream], Awaitable[None]]
 CONNECT_TIMEOUT = 5.0
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PEER_ADDR_TTL = 3600
-
-
-def tune_yamux() -> None:
-    """py-libp2p's yamux sends a window update after every read by default; on request/response traffic that
-    is an extra encrypted frame per message. Returning credit in batches (its other mode) halves the frames.
-    An explicit PY_YAMUX_RELEASE_ON_READ in the environment wins."""
-    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 def quiet_libp2p_logs() -> None:

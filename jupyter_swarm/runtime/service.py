@@ -111,8 +111,14 @@ class SpanService:
         per_token = self._step_seconds_per_token
         started = time.perf_counter()
         if per_token is not None and tokens * per_token <= INLINE_STEP_SECONDS:
-            async with self._compute:
+            try:
+                self._compute.acquire_nowait()  # no scheduler round trip when the compute slot is free (usual)
+            except trio.WouldBlock:
+                await self._compute.acquire()
+            try:
                 result = fn(*args)
+            finally:
+                self._compute.release()
         else:
             result = await self._run(fn, *args)
         seconds = (time.perf_counter() - started) / tokens
