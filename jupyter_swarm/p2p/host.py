@@ -42,6 +42,12 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PEER_ADDR_TTL = 3600
 
 
+def _is_cancellation(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(trio.Cancelled) is not None
+    return isinstance(error, trio.Cancelled)
+
+
 def quiet_libp2p_logs() -> None:
     """py-libp2p logs ordinary disconnects at ERROR; keep that noise away from users unless asked for."""
     if not os.environ.get("JUPYTER_SWARM_DEBUG_P2P"):
@@ -165,17 +171,23 @@ class P2PNode:
     # (it first asks the loop to start a task, then waits for it), which is most of a decode step's bridge time.
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await fn(*args)`` on the trio thread and return its result (blocking the caller)."""
-        try:
-            return trio.from_thread.run(fn, *args, trio_token=self._running_token())
-        except trio.RunFinishedError as e:
-            raise PeerUnavailableError("the libp2p host stopped while the call was waiting") from e
+        return self._cross(trio.from_thread.run, fn, *args)
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a plain function on the trio thread (to touch state owned by it)."""
+        return self._cross(trio.from_thread.run_sync, fn, *args)
+
+    def _cross(self, bridge: Callable[..., T], fn: Callable[..., Any], *args: Any) -> T:
         try:
-            return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
-        except trio.RunFinishedError as e:
-            raise PeerUnavailableError("the libp2p host stopped while the call was waiting") from e
+            return bridge(fn, *args, trio_token=self._running_token())
+        except (KeyboardInterrupt, SystemExit, PeerUnavailableError):
+            raise
+        except BaseException as e:
+            # A call still running when the host shuts down is cancelled with the loop's other tasks; its caller
+            # (a widget's refresh thread, a generation) gets the ordinary "peer unavailable" error, not trio's.
+            if isinstance(e, trio.RunFinishedError) or _is_cancellation(e) or self._token is None:
+                raise PeerUnavailableError("the libp2p host was shut down while the call was running") from e
+            raise
 
     def _running_token(self) -> trio.lowlevel.TrioToken:
         token = self._token

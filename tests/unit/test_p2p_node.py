@@ -1,0 +1,52 @@
+"""The bridge from other threads into a P2PNode's trio thread."""
+
+import threading
+
+import pytest
+import trio
+
+from jupyter_swarm.errors import PeerUnavailableError
+from jupyter_swarm.p2p.host import P2PNode
+
+
+def test_calls_return_results_and_raise_the_callees_errors():
+    node = P2PNode().start()
+    try:
+        async def add(a, b):
+            await trio.sleep(0)
+            return a + b
+
+        async def fail():
+            raise ValueError("from the trio thread")
+
+        assert node.call(add, 2, 3) == 5
+        assert node.call_sync(lambda: threading.current_thread().name) != threading.current_thread().name
+        with pytest.raises(ValueError, match="from the trio thread"):
+            node.call(fail)
+    finally:
+        node.shutdown()
+
+
+def test_a_call_running_when_the_host_shuts_down_gets_peer_unavailable_and_later_calls_too():
+    node = P2PNode().start()
+    started, outcome = threading.Event(), []
+
+    async def wait_forever():
+        started.set()
+        await trio.sleep_forever()
+
+    def caller():
+        try:
+            node.call(wait_forever)
+        except BaseException as e:  # noqa: BLE001 - the test inspects whatever came out
+            outcome.append(e)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert started.wait(10)
+    node.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], PeerUnavailableError), outcome
+    with pytest.raises(PeerUnavailableError, match="not running"):
+        node.call(wait_forever)
