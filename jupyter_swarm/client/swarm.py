@@ -16,7 +16,7 @@ from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
-from jupyter_swarm.runtime.pings import PingAggregator, ping_many
+from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.wire.messages import pack, unpack
 from jupyter_swarm.wire.protocols import RPC
 

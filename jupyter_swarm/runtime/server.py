@@ -25,7 +25,7 @@ from jupyter_swarm.p2p.host import DEFAULT_LISTEN, P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
 from jupyter_swarm.runtime.adapters import ServedAdapters
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
-from jupyter_swarm.runtime.pings import PingAggregator, ping_many
+from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.runtime.service import SpanService
 from jupyter_swarm.runtime.bandwidth import measure_bandwidth_to_any, serve_speedtest
 from jupyter_swarm.runtime.throughput import ThroughputInfo, get_throughput

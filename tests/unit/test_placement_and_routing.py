@@ -16,7 +16,7 @@ from jupyter_swarm.dht.swarm_map import SwarmMap
 from jupyter_swarm.errors import MissingBlocksError
 from jupyter_swarm.runtime.block_selection import (block_throughputs, choose_best_start, choose_span, placements,
                                                    should_move, span_length_for_memory)
-from jupyter_swarm.runtime.pings import PingAggregator
+from jupyter_swarm.p2p.pings import PingAggregator
 
 
 def rec(peer: str, start: int, end: int, *, rps: float = 1000.0, throughput: float = 1.0,
