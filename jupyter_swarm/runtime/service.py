@@ -142,7 +142,7 @@ class SpanService:
         self.stats.errors += 1
         return error_message(str(error), invalid_request=_is_invalid(error))
 
-    async def _answer(self, what: str, handle: Callable[..., Awaitable[bytes]], *args: Any) -> bytes:
+    async def _answer(self, what: str, handle: Callable[..., Awaitable[bytes | None]], *args: Any) -> bytes | None:
         """``await handle(*args)``; a refusal or a bug becomes an error reply, never a dead server."""
         try:
             return await handle(*args)
@@ -258,10 +258,8 @@ class SpanService:
             except SwarmError as e:
                 message, reply = None, self._refusal(e)
             else:
-                reply = await self._answer("inference step", self._step, message, span, cache, batch_size)
-            if message is not None and message.get("push") is True:
-                reply = await _relay(message, reply, pusher)
-            if reply is not None:
+                reply = await self._answer("inference step", self._step, message, span, cache, batch_size, pusher)
+            if reply is not None:  # None: the step went on to the next server, which will answer the client
                 await stream.send(reply)
 
     async def _serve_relay_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
@@ -309,7 +307,11 @@ class SpanService:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 logger.debug("dropping a pushed step for busy or closed session %s", session_id)
 
-    async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int) -> bytes:
+    async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int,
+                    pusher: _Pusher | None = None) -> bytes | None:
+        """Run one step. A relayed step (``push: true``) goes on to the next server (returns None: nothing to tell
+        the client) or, at the end of the chain or when the push failed, answers the client with the output and
+        every input it carries, which the client keeps for replay."""
         compression = _compression(message)
         hidden = decode_tensor(message_field(message, "hidden", dict))
         check_hidden(hidden, hidden_size=span.hidden_size, dtype=span.dtype)
@@ -328,11 +330,16 @@ class SpanService:
                                  or bool((beam < 0).any()) or bool((beam >= batch_size).any())):
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
         prompts = self._prompts(message, hidden, span)
-        _carried(message)  # refuse a bad carry before computing
+        carry = _carried(message)  # a bad carry is refused before computing
         out = await self._run_step(hidden.shape[0] * hidden.shape[1], self._inference_step, span, hidden, cache,
                                    beam, prompts)
         self.stats.inference_steps += 1
-        return pack({"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length})
+        output = {"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length}
+        if message.get("push") is True:
+            if pusher is not None and await pusher.push(message, output, carry):
+                return None
+            output.update(carry=carry, pushed=False)
+        return pack(output)
 
     @staticmethod
     def _inference_step(span: BlockSpan, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
@@ -386,22 +393,6 @@ def _carried(message: dict[str, Any]) -> list[dict[str, Any]]:
     if len(carry) >= MAX_CARRY or not all(isinstance(c, dict) for c in carry):
         raise InvalidRequestError(f"carry must be a list of at most {MAX_CARRY - 1} encoded tensors")
     return [*carry, message["hidden"]]
-
-
-async def _relay(message: dict[str, Any], reply: bytes, pusher: _Pusher | None) -> bytes | None:
-    """What to do with the output of a relayed step (``push: true``): push it on to the next server and tell the
-    client nothing (None), or -- at the end of the chain, or when the push failed -- answer the client with the
-    output and every input it carries, which the client keeps for replay."""
-    try:
-        output = unpack(reply, "output")
-    except (ProtocolError, RemoteError):
-        return reply  # an error goes to the client
-    carry = _carried(message)
-    if pusher is not None and await pusher.push(message, output, carry):
-        return None
-    output["carry"] = carry
-    output["pushed"] = False
-    return pack(output)
 
 
 class _Pusher:
