@@ -29,7 +29,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_inference import DEFAULT_CACHE, MODEL, PROMPT, spans_for, timed_generate  # noqa: E402
+from bench_inference import DEFAULT_CACHE, MODEL, PROMPT, bench_model, spans_for, timed_generate  # noqa: E402
 
 _HEADER = struct.Struct("<II")  # tokens in this step, 0 = reset the cache; payload bytes
 
@@ -144,14 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from jupyter_swarm.models import BlockSpan, make_tiny_model
+    from jupyter_swarm.models import BlockSpan
     from jupyter_swarm.models.head import ClientHead
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    tag = "llama-h{hidden_size}-l{num_layers}-i{intermediate_size}-v{vocab_size}-s{seed}".format(**MODEL)
-    path = make_tiny_model(os.path.join(args.cache_dir, tag), **MODEL)
+    tag, path = bench_model(args.cache_dir)
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     head = ClientHead.load(path)
     whole = BlockSpan.load(path, 0, MODEL["num_layers"])

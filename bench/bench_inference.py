@@ -75,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def bench_model(cache_dir: str) -> tuple[str, str]:
+    """(tag, directory) of the benchmark model, made once under ``cache_dir``."""
+    from jupyter_swarm.models import make_tiny_model
+
+    tag = "llama-h{hidden_size}-l{num_layers}-i{intermediate_size}-v{vocab_size}-s{seed}".format(**MODEL)
+    return tag, make_tiny_model(os.path.join(cache_dir, tag), **MODEL)
+
+
 def spans_for(num_servers: int, num_blocks: int) -> list[tuple[int, int]]:
     """Consecutive spans, as even as possible, larger ones first: 2 -> (0,4),(4,8); 3 -> (0,3),(3,6),(6,8)."""
     size = math.ceil(num_blocks / num_servers)
@@ -203,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from jupyter_swarm import AutoDistributedModelForCausalLM
     from jupyter_swarm.local_swarm import LocalSwarm
-    from jupyter_swarm.models import make_tiny_model
 
     sys.path.insert(0, str(BENCH_DIR))
     from profile_hooks import cpu_delta, thread_cpu
@@ -212,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     if args.client_threads:
         torch.set_num_threads(args.client_threads)
-    tag = "llama-h{hidden_size}-l{num_layers}-i{intermediate_size}-v{vocab_size}-s{seed}".format(**MODEL)
-    path = make_tiny_model(os.path.join(args.cache_dir, tag), **MODEL)
+    tag, path = bench_model(args.cache_dir)
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     num_params = sum(p.numel() for p in local.parameters())
     tokenizer = AutoTokenizer.from_pretrained(path)

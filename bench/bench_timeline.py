@@ -27,7 +27,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_inference import DEFAULT_CACHE, MODEL, spans_for  # noqa: E402
+from bench_inference import DEFAULT_CACHE, MODEL, bench_model, spans_for  # noqa: E402
 
 Events = list[tuple[str, float]]
 
@@ -108,11 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     import timeline_hooks
     from jupyter_swarm import AutoDistributedModelForCausalLM
     from jupyter_swarm.local_swarm import LocalSwarm
-    from jupyter_swarm.models import make_tiny_model
 
     torch.set_num_threads(1)
-    tag = "llama-h{hidden_size}-l{num_layers}-i{intermediate_size}-v{vocab_size}-s{seed}".format(**MODEL)
-    path = make_tiny_model(os.path.join(args.cache_dir, tag), **MODEL)
+    _, path = bench_model(args.cache_dir)
     out_dir = tempfile.mkdtemp(prefix="bench-timeline-")
     env = {"JUPYTER_SWARM_BENCH_TIMELINE": os.path.join(out_dir, "server"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR / "server_hook"), os.environ.get("PYTHONPATH")]))}
