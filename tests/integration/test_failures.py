@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from jupyter_swarm.client.status import format_status, read_swarm_status
@@ -35,11 +36,13 @@ class _KillMidGeneration:
         pass
 
 
-def test_sigkill_mid_generation_recovers_with_same_tokens(model_path, connect, local_model):
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "client-driven"])
+def test_sigkill_mid_generation_recovers_with_same_tokens(model_path, connect, local_model, relay):
     path = model_path("llama")
     # blocks 2-3 are held by two servers; the spare (1:4) also covers them from a different start
     with start_swarm(path, [(0, 2), (2, 4), (1, 4)]) as swarm:
         model = connect(path, swarm)
+        model.swarm.push = relay  # relayed: the chain is rebuilt and replayed; client-driven: the failed span only
         killer = _KillMidGeneration(model, swarm, block=3, after=10)
         with model.inference_session(max_length=64) as session:
             got = model.generate(PROMPT, max_new_tokens=40, do_sample=False, streamer=killer)

@@ -9,13 +9,8 @@ from jupyter_swarm.wire.protocols import SPEEDTEST
 
 
 @pytest.fixture
-def nodes():
-    server, client = P2PNode().start(), P2PNode().start()
-    server.set_handler(SPEEDTEST, serve_speedtest)
-    client.call(client.connect, server.addrs[0])
-    yield server, client
-    client.shutdown()
-    server.shutdown()
+def nodes(connected_nodes):
+    return connected_nodes(SPEEDTEST, serve_speedtest)
 
 
 def test_speed_test_measures_a_positive_finite_bandwidth(nodes):

@@ -3,7 +3,6 @@
 import pytest
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
 
-from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.yamux_tuning import tune_yamux
 
 ECHO = "/jupyter-swarm-test/echo-size/1.0.0"
@@ -29,13 +28,8 @@ def credit_updates(monkeypatch):
 
 
 @pytest.fixture
-def nodes():
-    server, client = P2PNode().start(), P2PNode().start()
-    server.set_handler(ECHO, answer_with_sizes)
-    client.call(client.connect, server.addrs[0])
-    yield server, client
-    client.shutdown()
-    server.shutdown()
+def nodes(connected_nodes):
+    return connected_nodes(ECHO, answer_with_sizes)
 
 
 def test_small_messages_return_credit_once_per_half_window_and_bulk_transfers_still_flow(nodes, credit_updates):
