@@ -3,7 +3,8 @@
 Synchronous code (and a Jupyter kernel's asyncio code) reaches the host through :meth:`P2PNode.call`,
 which crosses into the trio thread with ``trio.from_thread`` (one wake-up each way; the thread itself is
 started and stopped by an anyio blocking portal). Handlers and background tasks run
-on that trio thread; they must never run model compute there (see ``trio.to_thread``).
+on that trio thread; they must not run long computations there (see ``trio.to_thread``): only a decode step
+short enough that handing it to a thread would cost more runs inline (``runtime/service.py``).
 """
 
 from __future__ import annotations
