@@ -14,6 +14,21 @@ from jupyter_swarm.errors import SwarmError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def add_swarm_key_option(parser: argparse.ArgumentParser) -> None:
+    """``--swarm-key FILE``: every subcommand that joins a swarm takes it (one helper, so none forgets it)."""
+    parser.add_argument("--swarm-key", default=None, metavar="FILE",
+                        help="join a private swarm: connect only to peers holding this key file (made by "
+                             "`jupyter-swarm keygen FILE`); default: the file named by $JUPYTER_SWARM_KEY, "
+                             "else an open swarm")
+
+
+def add_allow_peers_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-peers PEER_ID ...``: accept connections only from these peers (servers and clients)."""
+    parser.add_argument("--allow-peers", nargs="+", default=None, metavar="PEER_ID",
+                        help="connect only with these peer ids, servers and clients alike (clients keep a stable "
+                             "peer id with an identity file); default: any peer of the swarm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-swarm", description="Serve and use large language models split across a swarm of machines.")
@@ -65,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters", nargs="+", default=[], metavar="NAME_OR_PATH",
                        help="LoRA adapters (peft save_pretrained directories) to host for the blocks; a client picks "
                             "one per request by its name: the path as given, or NAME in NAME=PATH")
+    add_swarm_key_option(serve)
+    add_allow_peers_option(serve)
 
     status = sub.add_parser("status", help="show which servers hold which blocks",
                             description="Print every model the swarm serves, its coverage and its servers.")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     status.add_argument("--model-prefix", default=None, help="show only this model")
+    add_swarm_key_option(status)
 
     demo = sub.add_parser("demo", help="run a local three-server swarm on this machine and generate through it",
                           description="Create a small random Llama-style model (once, cached), start three "
@@ -78,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--workdir", default=None, help="where the demo model is cached "
                                                       "(default ~/.cache/jupyter-swarm/demo)")
+    add_swarm_key_option(demo)
+
+    keygen = sub.add_parser("keygen", help="write a new swarm key file (for a private swarm)",
+                            description="Write a new random swarm key to FILE (mode 0600). Copy the file to every "
+                                        "server and client of the swarm and pass --swarm-key FILE (or set "
+                                        "JUPYTER_SWARM_KEY=FILE); peers without it cannot connect.")
+    keygen.add_argument("file", help="where to write the key")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     return parser
 
@@ -92,9 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "keygen":
+            return _keygen(args)
         from jupyter_swarm.demo import run_demo
 
-        return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, workdir=args.workdir)
+        return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
+                        swarm_key=args.swarm_key)
     except SwarmError as e:
         print(f"jupyter-swarm {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -128,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_mib * 2**20, max_session_length=args.max_session_length,
         update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput,
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
-        memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters)
+        memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters,
+        swarm_key=args.swarm_key, allowed_peers=args.allow_peers)
     server = BlockServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     if args.stop_with_parent:
@@ -138,6 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
           "connect with:", flush=True)
     for address in server.addrs:
         print(f"  {address}", flush=True)
+    if server.swarm_key is not None:
+        print(f"private swarm (swarm key {server.swarm_key.fingerprint}): peers need the same key file", flush=True)
     print("ready", flush=True)
     try:
         server.run_forever()
@@ -167,7 +199,16 @@ def _stop_when_parent_exits(server: object) -> None:
 def _status(args: argparse.Namespace) -> int:
     from jupyter_swarm.client.status import format_status, read_swarm_status
 
-    print(format_status(read_swarm_status(args.initial_peers, args.model_prefix)))
+    print(format_status(read_swarm_status(args.initial_peers, args.model_prefix, swarm_key=args.swarm_key)))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from jupyter_swarm.p2p.swarm_key import write_swarm_key
+
+    key = write_swarm_key(args.file, overwrite=args.force)
+    print(f"wrote a new swarm key (fingerprint {key.fingerprint}) to {args.file}; copy it to every peer of the swarm "
+          f"and start them with --swarm-key {args.file}")
     return 0
 
 

@@ -87,9 +87,10 @@ class LocalSwarm:
     new_session = False  # start servers in their own session (see ServerProcess)
 
     def __init__(self, model: str, spans: Sequence[tuple[int | None, int | None]], *, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, new_session: bool = False):
+                 env: dict[str, str] | None = None, new_session: bool = False, swarm_key: str | None = None):
+        """``swarm_key``: a key file; the servers form a private swarm with it (clients need the same file)."""
         self.model = model
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args) + (["--swarm-key", str(swarm_key)] if swarm_key else [])
         self.env = env
         self.new_session = new_session
         self.servers: list[ServerProcess] = []

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from jupyter_swarm.client.swarm import join_swarm
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_models, read_swarm
+from jupyter_swarm.p2p.swarm_key import SwarmKey
 
 
-def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = None) -> dict[str, SwarmMap]:
-    """The swarm map of every model announced in the swarm (or just ``model_prefix``)."""
-    node = join_swarm(initial_peers)
+def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = None, *,
+                      swarm_key: str | SwarmKey | None = None) -> dict[str, SwarmMap]:
+    """The swarm map of every model announced in the swarm (or just ``model_prefix``); ``swarm_key``: the key
+    file of a private swarm (default: ``$JUPYTER_SWARM_KEY``)."""
+    node = join_swarm(initial_peers, swarm_key=swarm_key)
     try:
         store = RecordStore(node, serve=False)
 

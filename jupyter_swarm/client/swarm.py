@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import trio
+from libp2p.crypto.keys import KeyPair
 
 from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain, choose_forward_chain, servers_to_ping
 from jupyter_swarm.dht.store import RecordStore
@@ -17,6 +18,7 @@ from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUna
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
+from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.wire.messages import pack, unpack
 from jupyter_swarm.wire.protocols import RPC
 
@@ -28,13 +30,17 @@ PING_REFRESH = 60.0  # seconds before a server's round-trip time is measured aga
 FIRST_PING_TIMEOUT = 1.0
 
 
-def join_swarm(initial_peers: Sequence[str]) -> P2PNode:
-    """Start a client libp2p node (no DHT serving) and connect it to the swarm through ``initial_peers``."""
+def join_swarm(initial_peers: Sequence[str], *, swarm_key: str | SwarmKey | None = None,
+               identity: KeyPair | None = None) -> P2PNode:
+    """Start a client libp2p node (no DHT serving) and connect it to the swarm through ``initial_peers``.
+
+    ``swarm_key``: the key file of a private swarm (default: the file named by ``$JUPYTER_SWARM_KEY``, if set).
+    """
     if not initial_peers:
         raise ConfigurationError(
             "initial_peers is empty: pass the /ip4/.../p2p/... address a server printed "
             "(or run `jupyter-swarm demo` for a local swarm)")
-    node = P2PNode(dht_server=False).start()
+    node = P2PNode(dht_server=False, swarm_key=resolve_swarm_key(swarm_key), identity=identity).start()
     try:
         node.call(_join, node, list(initial_peers))
     except BaseException:
@@ -62,7 +68,8 @@ class SwarmClient:
     def __init__(self, model_prefix: str, num_blocks: int, initial_peers: Sequence[str], *,
                  map_max_age: float = 1.0, wait_for_coverage: float = 10.0, request_timeout: float = REQUEST_TIMEOUT,
                  ban_seconds: float = 15.0, allowed_servers: Collection[str] | None = None,
-                 blocked_servers: Collection[str] = ()):
+                 blocked_servers: Collection[str] = (), swarm_key: str | SwarmKey | None = None,
+                 identity: KeyPair | None = None):
         self.model_prefix = model_prefix
         if isinstance(allowed_servers, str) or isinstance(blocked_servers, str):
             raise ConfigurationError("allowed_servers and blocked_servers are lists of peer ids, not one string")
@@ -82,7 +89,7 @@ class SwarmClient:
         self._map: SwarmMap | None = None
         self._map_time = 0.0
         self._rpc_pool: dict[str, list[FramedStream]] = {}
-        self.node = join_swarm(initial_peers)
+        self.node = join_swarm(initial_peers, swarm_key=swarm_key, identity=identity)
         self.store = RecordStore(self.node, serve=False)
 
     # ---- the swarm map ----------------------------------------------------------------------------

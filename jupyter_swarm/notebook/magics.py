@@ -14,7 +14,8 @@ from IPython.display import display
 from jupyter_swarm.notebook.runtime import GenerationResult, get_runtime
 
 DESCRIPTION = """Drive a swarm from this notebook. Subcommands:
-  connect MODEL [--peers MADDR ...] [--local]   join a swarm (or start one on this machine) and load the model
+  connect MODEL [--peers MADDR ...] [--local] [--swarm-key FILE]
+                                                join a swarm (or start one on this machine) and load the model
   status                                        which blocks are covered, by how many servers
   peers                                         servers with their spans, throughput and free cache
   route                                         the chain of servers the next request would take
@@ -55,6 +56,8 @@ def build_parser() -> _Parser:
     connect.add_argument("--local", action="store_true", help="start a swarm of server processes on this machine")
     connect.add_argument("--spans", nargs="+", default=None, metavar="A:B",
                          help="with --local: the spans its servers hold (default: halves plus an overlap)")
+    connect.add_argument("--swarm-key", default=None, metavar="FILE",
+                         help="key file of a private swarm (`jupyter-swarm keygen FILE`); default: $JUPYTER_SWARM_KEY")
 
     sub.add_parser("status", help="block coverage of the connected model")
     sub.add_parser("peers", help="servers of the connected model")
@@ -165,7 +168,7 @@ class SwarmMagics(Magics):
                                      "(or --local to start a swarm on this machine)")
         runtime = get_runtime()
         runtime.connect(args.model, args.peers, local=args.local, spans=spans,
-                        progress=lambda msg: print(msg, flush=True))
+                        progress=lambda msg: print(msg, flush=True), swarm_key=args.swarm_key)
         self.shell.user_ns["swarm"] = runtime
         print("connected: the model is `swarm.model` (a transformers model: swarm.model.generate(...)), "
               "its tokenizer `swarm.tokenizer`")

@@ -107,6 +107,7 @@ class SwarmRuntime:
         self.tokenizer: Any = None
         self.model_path: str | None = None
         self.initial_peers: list[str] = []
+        self.swarm_key: Any = None  # the SwarmKey of a private swarm (None: open)
         self.local_swarm: Any = None
         self.last_map: Any = None
         self.last_map_time = 0.0
@@ -134,15 +135,21 @@ class SwarmRuntime:
         return self.model is not None
 
     def connect(self, model: str, peers: Sequence[str] = (), *, local: bool = False,
-                spans: Sequence[tuple[int, int]] | None = None, progress: Callable[[str], None] = print) -> Any:
-        """Join a swarm (or start a local one with ``local``) and load the client's parts of ``model``."""
+                spans: Sequence[tuple[int, int]] | None = None, progress: Callable[[str], None] = print,
+                swarm_key: str | None = None) -> Any:
+        """Join a swarm (or start a local one with ``local``) and load the client's parts of ``model``.
+
+        ``swarm_key``: the key file of a private swarm (default: ``$JUPYTER_SWARM_KEY``, else an open swarm); a
+        local swarm's servers and this kernel's served blocks use it too."""
         from transformers import AutoTokenizer
 
         from jupyter_swarm.client.model import AutoDistributedModelForCausalLM
         from jupyter_swarm.errors import ConfigurationError
+        from jupyter_swarm.p2p.swarm_key import resolve_swarm_key
 
         if self.connected:
             self.disconnect()
+        key = resolve_swarm_key(swarm_key)
         path = model
         if model in DEMO_NAMES:
             from jupyter_swarm.demo import DEMO_MODEL
@@ -165,19 +172,19 @@ class SwarmRuntime:
                      + ", ".join(f"{a}:{b}" for a, b in spans) + " (loopback only)...")
             # own session: a kernel interrupt (SIGINT to the kernel's process group) must not stop the servers
             self.local_swarm = LocalSwarm(path, spans, extra_args=["--update-period", "5", "--torch-threads", "1"],
-                                          new_session=True)
+                                          new_session=True, swarm_key=swarm_key)
             peers = self.local_swarm.initial_peers
         if not peers:
             raise ConfigurationError("give the swarm's addresses with --peers /ip4/.../p2p/... "
                                      "(or use --local to start a swarm on this machine)")
         progress("joining the swarm and loading the model's embeddings and head...")
         try:
-            self.model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=list(peers))
+            self.model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=list(peers), swarm_key=key)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except BaseException:
             self.disconnect()
             raise
-        self.model_path, self.initial_peers = path, list(peers)
+        self.model_path, self.initial_peers, self.swarm_key = path, list(peers), key
         self._start_publisher()
         return self.model
 
@@ -365,7 +372,7 @@ class SwarmRuntime:
             start, end = (None, None) if blocks == "auto" else parse_blocks(blocks, total)
             server = BlockServer(ServerConfig(
                 model_path, start, end, initial_peers=list(self.initial_peers), device=device, update_period=5.0,
-                dtype=None if dtype in (None, "auto") else getattr(torch, dtype)))
+                dtype=None if dtype in (None, "auto") else getattr(torch, dtype), swarm_key=self.swarm_key))
             self.server = server
             server.start()
             self.serve_blocks = (server.start_block, server.end_block)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -32,6 +32,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.identity import new_identity
+from jupyter_swarm.p2p.security import SwarmSecurity, security_options
+from jupyter_swarm.p2p.swarm_key import SwarmKey
 from jupyter_swarm.p2p.yamux_tuning import tune_yamux
 
 logger = logging.getLogger(__name__)
@@ -87,8 +89,15 @@ class P2PNode:
         listen: Sequence[str] = DEFAULT_LISTEN,
         announce: Sequence[str] = (),
         dht_server: bool = True,
+        swarm_key: SwarmKey | None = None,
+        allowed_peers: Collection[str] | None = None,
     ):
+        """``swarm_key``: connect only to peers holding it (a private swarm); ``allowed_peers``: connect only to
+        these peer ids (see p2p/security.py)."""
         self.identity = identity or new_identity()
+        self.swarm_key = swarm_key
+        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        self.security: SwarmSecurity | None = None
         self._listen = [parse_multiaddr(a) for a in listen]
         self._announce = [parse_multiaddr(a) for a in announce]
         self._dht_mode = DHTMode.SERVER if dht_server else DHTMode.CLIENT
@@ -120,7 +129,8 @@ class P2PNode:
     async def _run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         self._stopped = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
-        kwargs: dict[str, Any] = {}
+        sec_opt, self.security = security_options(self.identity, self.swarm_key, self.allowed_peers)
+        kwargs: dict[str, Any] = {"sec_opt": sec_opt}
         if self._announce:
             kwargs["announce_addrs"] = self._announce
         self.host = new_host(
@@ -257,6 +267,9 @@ class P2PNode:
             with trio.fail_after(timeout):
                 await self.host.connect(info)
         except (trio.TooSlowError, BaseLibp2pError, OSError) as e:
+            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            if reason is not None:
+                raise PeerUnavailableError(f"could not connect to peer at {address}: {reason}") from e
             raise PeerUnavailableError(f"could not reach peer at {address} within {timeout:g} s: {e!r}") from e
         if self.dht is not None:
             try:
@@ -271,7 +284,8 @@ class P2PNode:
             with trio.fail_after(timeout):
                 raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as e:
-            raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {e!r}") from e
+            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {reason or repr(e)}") from e
         return FramedStream(raw)
 
     async def request(self, peer_id: str, protocol: str, payload: bytes, timeout: float) -> bytes:

@@ -10,6 +10,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.p2p.private_files import check_private, write_private
 
 
 def new_identity() -> KeyPair:
@@ -18,22 +19,24 @@ def new_identity() -> KeyPair:
 
 
 def load_or_create_identity(path: str | os.PathLike[str]) -> KeyPair:
-    """Load the Ed25519 key at ``path``, creating it (mode 0600) if it does not exist."""
+    """Load the Ed25519 key at ``path``, creating it if it does not exist (mode 0600, written atomically, so a
+    crash never leaves a truncated key and no other user can ever read it)."""
     path = Path(path).expanduser()
-    if path.exists():
-        raw = path.read_bytes()
-        if len(raw) != 32:
-            raise ConfigurationError(
-                f"identity file {path} is not a 32-byte Ed25519 seed ({len(raw)} bytes); "
-                "delete it to create a new identity, or pass another --identity path")
-        private = Ed25519PrivateKey.from_bytes(raw)
-        return KeyPair(private, private.get_public_key())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pair = create_new_key_pair()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pair.private_key.to_bytes()[:32])
-    return pair
+    if not path.exists():
+        pair = create_new_key_pair()
+        try:
+            write_private(path, pair.private_key.to_bytes()[:32], exclusive=True)
+            return pair
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+    check_private(path, "identity")
+    raw = path.read_bytes()
+    if len(raw) != 32:
+        raise ConfigurationError(
+            f"identity file {path} is not a 32-byte Ed25519 seed ({len(raw)} bytes); "
+            "delete it to create a new identity, or pass another --identity path")
+    private = Ed25519PrivateKey.from_bytes(raw)
+    return KeyPair(private, private.get_public_key())
 
 
 def peer_id_of(pair: KeyPair) -> str:

@@ -23,6 +23,7 @@ from jupyter_swarm.models.config import config_dtype
 from jupyter_swarm.models.family import get_family
 from jupyter_swarm.p2p.host import DEFAULT_LISTEN, P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
+from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.runtime.adapters import ServedAdapters
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
@@ -122,6 +123,8 @@ class ServerConfig:
     bandwidth_mbps: float | None = None
     max_pinged: int = 5
     adapters: list[str] = field(default_factory=list)  # LoRA adapters to host: PATH or NAME=PATH (runtime/adapters.py)
+    swarm_key: str | SwarmKey | None = None  # a key file (or key) of a private swarm; None: $JUPYTER_SWARM_KEY or open
+    allowed_peers: list[str] | None = None  # connect only with these peer ids (servers and clients); None: anyone
 
 
 class BlockServer:
@@ -132,6 +135,7 @@ class BlockServer:
         self.prefix = config.model_prefix or default_model_prefix(config.model)
         self.state = ServerState.JOINING
         self.node: P2PNode | None = None
+        self.swarm_key: SwarmKey | None = None
         self._joined_peers: list[str] = []
         self.measured_bandwidth_mbps: float | None = None
         self.store: RecordStore | None = None
@@ -169,7 +173,9 @@ class BlockServer:
         if cfg.serve_blocks is not None and not 0 < cfg.serve_blocks <= total:
             raise ConfigurationError(f"num_blocks {cfg.serve_blocks} is outside the model: use 1..{total}")
         identity = load_or_create_identity(cfg.identity_path) if cfg.identity_path else new_identity()
-        self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs).start()
+        self.swarm_key = resolve_swarm_key(cfg.swarm_key)
+        self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs,
+                            swarm_key=self.swarm_key, allowed_peers=cfg.allowed_peers).start()
         try:
             self.store = RecordStore(self.node)
             self.node.set_handler(SPEEDTEST, serve_speedtest)

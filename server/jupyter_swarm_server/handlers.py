@@ -1,4 +1,9 @@
-"""REST handlers under ``/swarm/``."""
+"""REST handlers under ``/swarm/``.
+
+Every handler authenticates (Jupyter's token or login cookie, with its XSRF check on POST) and then asks Jupyter's
+authorizer for the action ("read" for GET, "write" for POST) on the resource ``swarm``, so a deployment that
+restricts users (e.g. JupyterHub scopes, a custom ``ServerApp.authorizer_class``) governs these endpoints too.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,35 @@ import time
 from typing import Any
 
 import tornado
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
 from jupyter_swarm.notebook import state as state_files
 
+AUTH_RESOURCE = "swarm"
 
-class StateHandler(APIHandler):
+
+class SwarmHandler(APIHandler):
+    """Base of the ``/swarm/`` handlers: the resource name Jupyter's authorizer sees."""
+
+    auth_resource = AUTH_RESOURCE
+
+
+class StateHandler(SwarmHandler):
     """What every live kernel's swarm runtime knows: model, coverage, servers, this kernel's serving."""
 
     @tornado.web.authenticated
+    @authorized
     def get(self) -> None:
         self.finish(json.dumps({"kernels": state_files.read_states(), "time": time.time()}))
 
 
-class ServeHandler(APIHandler):
+class ServeHandler(SwarmHandler):
     """Ask a kernel to start or stop serving blocks (it acts within about a second)."""
 
     @tornado.web.authenticated
+    @authorized
     def post(self) -> None:
         try:
             body: Any = self.get_json_body() or {}
