@@ -3,14 +3,21 @@
 py-libp2p's DHT stores one value per key with a fixed 24 h expiry, while the swarm map needs, per block,
 one record per server that vanishes within seconds of the server going silent. So this module keeps
 ``key -> {subkey: (value, expiry)}`` on the peers closest to the key (XOR distance, as Kademlia does)
-and uses the libp2p DHT's routing table to find those peers. A peer may only write the subkey equal to
-its own peer id, which Noise authenticates, so no server can forge or erase another's record.
+and uses the libp2p DHT's routing table to find those peers.
+
+The sub-key is the announcing peer's id, and every value is signed by that peer for the keys it names, with a
+signed expiry (``dht/signed_records.py``): replicas check it before storing (and only take a peer's records from
+that peer, authenticated by Noise), readers check it again, so a replica can neither forge nor alter another
+peer's record. Readers ask every replica of a key and keep, per peer, the latest record any of them returns, so
+one replica cannot erase a record by withholding it either. Each peer has a quota at each replica
+(``dht/local_records.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,6 +25,8 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
+from jupyter_swarm.dht.local_records import LocalRecords
+from jupyter_swarm.dht.signed_records import MAX_TTL, SignedRecord, sign_record, verify_record
 from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
@@ -27,9 +36,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL = "/jupyter-swarm/records/1.0.0"
 REPLICAS = 5
-MAX_TTL = 3600.0
 MAX_VALUE_BYTES = 64 * 1024
-MAX_ENTRIES = 100_000
 MAX_KEYS_PER_GET = 4096
 REQUEST_TIMEOUT = 5.0
 FAILED_PEER_SECONDS = 30.0
@@ -37,38 +44,6 @@ FAILED_PEER_SECONDS = 30.0
 
 def _distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(hashlib.sha256(a).digest(), "big") ^ int.from_bytes(hashlib.sha256(b).digest(), "big")
-
-
-class LocalRecords:
-    """The records this peer holds for the swarm, with their expiry (monotonic clock)."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, dict[str, tuple[bytes, float]]] = {}
-        self._count = 0
-
-    def put(self, key: str, subkey: str, value: bytes, ttl: float) -> None:
-        self.expire()
-        entries = self._data.setdefault(key, {})
-        if subkey not in entries:
-            if self._count >= MAX_ENTRIES:
-                raise ProtocolError("record store is full")
-            self._count += 1
-        entries[subkey] = (value, time.monotonic() + ttl)
-
-    def get(self, key: str) -> dict[str, tuple[bytes, float]]:
-        """Unexpired entries of ``key`` as {subkey: (value, seconds left)}."""
-        now = time.monotonic()
-        return {s: (v, exp - now) for s, (v, exp) in self._data.get(key, {}).items() if exp > now}
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for key in list(self._data):
-            entries = self._data[key]
-            for subkey in [s for s, (_, exp) in entries.items() if exp <= now]:
-                del entries[subkey]
-                self._count -= 1
-            if not entries:
-                del self._data[key]
 
 
 class RecordStore:
@@ -124,15 +99,17 @@ class RecordStore:
         return await self.put_many({key: value}, ttl)
 
     async def put_many(self, values: dict[str, bytes], ttl: float) -> int:
-        """Store several keys at once, batching the requests per replica; returns the fewest replicas any key got."""
+        """Store several keys at once, batching the requests per replica; returns the fewest replicas any key got.
+
+        Keys that share a value share one signed record (a server's record under each of its blocks)."""
         stored: dict[str, int] = {key: 0 for key in values}
+        values = self._sign(values, ttl)
 
         async def store_at(peer: str, keys: list[str]) -> None:
             batch = {key: values[key] for key in keys}
             if peer == self.node.peer_id:
                 try:
-                    for key, value in batch.items():
-                        self.local.put(key, peer, value, ttl)
+                    self._accept(batch, peer, ttl)
                 except ProtocolError as e:
                     logger.debug("could not store records here: %r", e)
                     return
@@ -147,13 +124,17 @@ class RecordStore:
         return min(stored.values(), default=0)
 
     async def get_many(self, keys: list[str]) -> dict[str, dict[str, tuple[bytes, float]]]:
-        """Read ``keys`` from their replicas; returns {key: {subkey: (value, seconds left)}} (freshest wins)."""
-        merged: dict[str, dict[str, tuple[bytes, float]]] = {key: {} for key in keys}
+        """Read ``keys`` from every replica; returns {key: {subkey: (value, seconds left)}}.
+
+        Only records whose signature, keys and expiry verify are kept; per sub-key the latest issued one wins."""
+        verified: dict[str, dict[str, SignedRecord]] = {key: {} for key in keys}
+        checked: dict[tuple[bytes, str], SignedRecord | None] = {}  # one record often sits under many keys
 
         def merge(key: str, entries: dict[str, tuple[bytes, float]]) -> None:
-            for subkey, (value, ttl) in entries.items():
-                if subkey not in merged[key] or merged[key][subkey][1] < ttl:
-                    merged[key][subkey] = (value, ttl)
+            for subkey, (blob, _claimed_ttl) in entries.items():  # the replica's claimed ttl is not trusted
+                record = self._verified(blob, key, subkey, checked)
+                if record is not None and (subkey not in verified[key] or verified[key][subkey].issued < record.issued):
+                    verified[key][subkey] = record
 
         async def get_from(peer: str, peer_keys: list[str]) -> None:
             if peer == self.node.peer_id:
@@ -163,7 +144,7 @@ class RecordStore:
             found = await self._ask(peer, {"type": "get", "keys": peer_keys}, "found",
                                     read=lambda reply: field(reply, "records", dict))
             for key, entries in (found or {}).items():
-                if key in merged and isinstance(entries, dict):
+                if key in verified and isinstance(entries, dict):
                     merge(key, {str(s): (bytes(v[0]), float(v[1])) for s, v in entries.items()
                                 if isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes)
                                 and isinstance(v[1], (int, float))})
@@ -171,7 +152,47 @@ class RecordStore:
         async with trio.open_nursery() as nursery:
             for peer, peer_keys in self._group_by_replica(keys).items():
                 nursery.start_soon(get_from, peer, peer_keys)
-        return merged
+        now = time.time()
+        return {key: {subkey: (record.value, record.seconds_left(now)) for subkey, record in entries.items()}
+                for key, entries in verified.items()}
+
+    # ---- signing and checking records -----------------------------------------------------------------------
+    def _sign(self, values: dict[str, bytes], ttl: float) -> dict[str, bytes]:
+        """{key: payload} -> {key: signed record}, one signature per distinct payload."""
+        keys_of: dict[bytes, list[str]] = {}
+        for key, value in values.items():
+            keys_of.setdefault(value, []).append(key)
+        ttl = min(ttl, MAX_TTL)
+        signed: dict[str, bytes] = {}
+        for value, keys in keys_of.items():
+            blob = sign_record(self.node.identity, keys, value, ttl)
+            signed.update((key, blob) for key in keys)
+        return signed
+
+    def _accept(self, values: dict[str, bytes], sender: str, ttl: float) -> None:
+        """Hold records that ``sender`` signed itself (checked before anything is stored)."""
+        checked: dict[bytes, SignedRecord] = {}
+        for key, blob in values.items():
+            record = checked.get(blob) or verify_record(blob, key=key, signer=sender)
+            if key not in record.keys:
+                raise ProtocolError(f"the record was signed for other keys, not {key!r}")
+            checked[blob] = record
+        for key, blob in values.items():
+            record = checked[blob]
+            self.local.put(key, sender, blob, min(ttl, record.seconds_left()), issued=record.issued)
+
+    @staticmethod
+    def _verified(blob: bytes, key: str, subkey: str,
+                  checked: dict[tuple[bytes, str], SignedRecord | None]) -> SignedRecord | None:
+        """The verified record, or None (logged) when a replica returned something its sub-key never signed."""
+        if (blob, subkey) not in checked:
+            try:
+                checked[(blob, subkey)] = verify_record(blob, key=key, signer=subkey)
+            except ProtocolError as e:
+                logger.warning("ignoring a record under %r claimed to be from %s: %s", key, subkey, e)
+                checked[(blob, subkey)] = None
+        record = checked[(blob, subkey)]
+        return record if record is not None and key in record.keys else None
 
     def _group_by_replica(self, keys: Iterable[str]) -> dict[str, list[str]]:
         """{replica peer: the keys it holds}, so that each replica gets one request."""
@@ -201,12 +222,14 @@ class RecordStore:
             message = unpack(await stream.recv(), ("store", "get"))
             if message["type"] == "store":
                 values = field(message, "values", dict)
-                ttl = min(max(field(message, "ttl", float), 0.0), MAX_TTL)
+                ttl = field(message, "ttl", float)
+                if not (math.isfinite(ttl) and 0 < ttl):  # a NaN would never expire (min/max pass NaN through)
+                    raise ProtocolError(f"'ttl' must be a positive finite number of seconds, got {ttl!r}")
+                ttl = min(ttl, MAX_TTL)
                 for key, value in values.items():
                     if not isinstance(key, str) or not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
                         raise ProtocolError(f"record values must be bytes of at most {MAX_VALUE_BYTES} bytes")
-                for key, value in values.items():
-                    self.local.put(key, stream.remote_peer, value, ttl)
+                self._accept(values, stream.remote_peer, ttl)
                 await stream.send(pack({"type": "stored"}))
             else:
                 keys = field(message, "keys", list)

@@ -1,0 +1,89 @@
+"""A lying replica among real libp2p hosts: it cannot forge, move, extend or erase another peer's record."""
+
+from __future__ import annotations
+
+import pytest
+
+from jupyter_swarm.dht.signed_records import sign_record
+from jupyter_swarm.dht.store import PROTOCOL, RecordStore
+from jupyter_swarm.errors import RemoteError
+from jupyter_swarm.p2p.host import P2PNode
+from jupyter_swarm.wire.messages import pack, unpack
+
+
+class LyingReplica:
+    """Takes every store request, and answers reads with whatever ``answer(key)`` returns ({subkey: blob})."""
+
+    def __init__(self, node: P2PNode):
+        self.node = node
+        self.received: list[dict[str, bytes]] = []
+        self.answer = lambda key: {}
+        node.set_handler(PROTOCOL, self.handle)
+
+    async def handle(self, stream) -> None:
+        message = unpack(await stream.recv())
+        if message["type"] == "store":
+            self.received.append(message["values"])
+            await stream.send(pack({"type": "stored"}))
+        else:
+            records = {key: {s: [blob, 3600.0] for s, blob in self.answer(key).items()} for key in message["keys"]}
+            await stream.send(pack({"type": "found", "records": records}))
+
+
+@pytest.fixture
+def swarm():
+    nodes = [P2PNode().start() for _ in range(4)]
+    alice_node, honest_node, liar_node, reader_node = nodes
+    alice, honest = RecordStore(alice_node), RecordStore(honest_node)
+    liar = LyingReplica(liar_node)
+    reader = RecordStore(reader_node, serve=False)
+    for node in (alice_node, reader_node):
+        for replica in (honest_node, liar_node):
+            node.call(node.connect, replica.addrs[0])
+    yield alice, honest, liar, reader
+    for node in nodes:
+        node.shutdown()
+
+
+def read(store: RecordStore, key: str) -> dict[str, bytes]:
+    return {subkey: value for subkey, (value, _ttl) in store.node.call(store.get_many, [key])[key].items()}
+
+
+def test_a_lying_replica_cannot_forge_move_replay_or_erase(swarm) -> None:
+    alice, honest, liar, reader = swarm
+    a = alice.node.peer_id
+    assert alice.node.call(alice.put_many, {"m.0": b"online v1", "x.0": b"other model"}, 30.0) == 3
+    first = next(values["m.0"] for values in liar.received if "m.0" in values)
+    moved = next(values["x.0"] for values in liar.received if "x.0" in values)
+    alice.node.call(alice.put_many, {"m.0": b"online v2"}, 30.0)
+
+    forged_by_liar = sign_record(liar.node.identity, ["m.0"], b"alice is offline", ttl=30)
+    for lie in ({a: forged_by_liar}, {a: moved}, {a: first}, {a: b"garbage"}, {}):
+        liar.answer = lambda key, lie=lie: lie
+        assert read(reader, "m.0") == {a: b"online v2"}, lie  # the honest replica's newest record wins
+
+    # alone, the liar can withhold the record or replay the older one (until it expires), nothing more
+    honest.local = type(honest.local)()
+    liar.answer = lambda key: {a: first}
+    assert read(reader, "m.0") == {a: b"online v1"}
+    liar.answer = lambda key: {a: forged_by_liar}
+    assert read(reader, "m.0") == {}
+
+
+def test_a_replica_only_stores_records_their_sender_signed(swarm) -> None:
+    alice, honest, liar, reader = swarm
+    alice_record = sign_record(alice.node.identity, ["m.0"], b"alice", ttl=30)
+    liar.node.call(liar.node.connect, honest.node.addrs[0])
+
+    async def store_as_liar(values: dict[str, bytes], ttl: float) -> None:
+        payload = await liar.node.request(honest.node.peer_id, PROTOCOL,
+                                          pack({"type": "store", "values": values, "ttl": ttl}), 5.0)
+        unpack(payload, "stored")
+
+    with pytest.raises(RemoteError, match="signature is not"):  # a replay of alice's record, sent by someone else
+        liar.node.call(store_as_liar, {"m.0": alice_record}, 30.0)
+    own = sign_record(liar.node.identity, ["m.0"], b"liar", ttl=30)
+    with pytest.raises(RemoteError, match="ttl"):
+        liar.node.call(store_as_liar, {"m.0": own}, float("nan"))
+    liar.node.call(store_as_liar, {"m.0": own}, 30.0)  # its own record, under its own sub-key, is fine
+    assert set(honest.local.get("m.0")) == {liar.node.peer_id}
