@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from jupyter_swarm.errors import SwarmError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANT_TYPES = ("auto", "none", "int8", "nf4", "fp4")  # jupyter_swarm.models.quantization.QuantType, plus auto
 
 
 def add_swarm_key_option(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ed25519 key file; created if missing, so the peer id survives restarts")
     serve.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    serve.add_argument("--quant-type", choices=QUANT_TYPES, default="auto",
+                       help="how the blocks' linear layers are stored (bitsandbytes): none (the dtype), int8 "
+                            "(LLM.int8()), nf4 or fp4 (4-bit). auto (the default): nf4 on a GPU that cannot hold "
+                            "the span it wants in float, none otherwise. Memory sizing counts quantized bytes")
     serve.add_argument("--cache-mib", type=int, default=512, help="attention cache budget in MiB (default 512)")
     serve.add_argument("--max-session-length", type=int, default=8192, help="longest inference session in tokens")
     serve.add_argument("--update-period", type=float, default=30.0, metavar="SECONDS",
@@ -154,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, start=start, end=end, initial_peers=args.initial_peers or [], listen=args.listen,
         announce_addrs=args.announce, identity_path=args.identity,
         dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
+        quant_type=args.quant_type,
         cache_bytes=args.cache_mib * 2**20, max_session_length=args.max_session_length,
         update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput,
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
@@ -164,8 +170,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.stop_with_parent:
         _stop_when_parent_exits(server)
     server.start()
-    print(f"serving blocks {server.start_block}:{server.end_block} of {server.prefix} ({total} blocks); "
-          "connect with:", flush=True)
+    print(f"serving blocks {server.start_block}:{server.end_block} of {server.prefix} ({total} blocks, "
+          f"quant type {server.quant_type.value}); connect with:", flush=True)
     for address in server.addrs:
         print(f"  {address}", flush=True)
     if server.swarm_key is not None:

@@ -16,6 +16,14 @@ class UnsupportedModelError(ConfigurationError):
     """The checkpoint is not a causal LM of a family jupyter-swarm can serve."""
 
 
+class MissingDependencyError(ConfigurationError):
+    """An optional feature needs a package that is not installed; the message says how to install it."""
+
+
+class UnsupportedQuantTypeError(ConfigurationError):
+    """The device (with the installed bitsandbytes) cannot run blocks quantized this way."""
+
+
 class ProtocolError(SwarmError):
     """A peer sent a message that is not valid for the protocol."""
 

@@ -60,6 +60,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         wait_for_coverage: float = 10.0, request_timeout: float = 180.0,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, active_adapter: str | None = None,
                         allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = (),
+                        allowed_quant_types: Sequence[str] | None = None,
                         swarm_key: str | SwarmKey | None = None, identity: str | None = None,
                         **kwargs: Any) -> "DistributedModelForCausalLM":
         """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks.
@@ -69,6 +70,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         ``active_adapter``: the name of a LoRA adapter servers host (``serve --adapters``) to run the blocks with;
         see :meth:`use_adapter`.
         ``allowed_servers`` / ``blocked_servers``: peer ids this client may only use / must never use.
+        ``allowed_quant_types``: use only servers whose blocks are stored this way, e.g. ``["none", "int8"]``
+        (``"none"``, ``"int8"``, ``"nf4"``, ``"fp4"``; each server announces its own); None: any.
         ``swarm_key``: the key file (``jupyter-swarm keygen``) of a private swarm; default: the file named by
         ``$JUPYTER_SWARM_KEY``, else an open swarm. ``identity``: an Ed25519 key file (created if missing) that
         keeps this client's peer id stable, e.g. for servers that accept only listed peer ids (``--allow-peers``).
@@ -78,7 +81,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ConfigurationError(f"unexpected arguments {list(kwargs) or args}; "
                                      "supported: initial_peers, dtype, model_prefix, compression, "
                                      "wait_for_coverage, request_timeout, tuning_mode, pre_seq_len, "
-                                     "allowed_servers, blocked_servers, active_adapter, swarm_key, identity"
+                                     "allowed_servers, blocked_servers, allowed_quant_types, active_adapter, "
+                                     "swarm_key, identity"
                                      + "".join(f", {name}" for name in extra))
         config = load_model_config(model)
         head = ClientHead.load(model, dtype=dtype)
@@ -90,7 +94,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                                      f"got {compression!r}") from None
         swarm = SwarmClient(model_prefix or default_model_prefix(model), head.num_blocks, list(initial_peers),
                             wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
-                            allowed_servers=allowed_servers, blocked_servers=blocked_servers, swarm_key=swarm_key,
+                            allowed_servers=allowed_servers, blocked_servers=blocked_servers,
+                            allowed_quant_types=allowed_quant_types, swarm_key=swarm_key,
                             identity=load_or_create_identity(identity) if identity else None)
         try:
             instance = cls(config, head, swarm, comp, tuning, **extra)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jupyter_swarm.dht.records import ServerRecord
 from jupyter_swarm.dht.swarm_map import SwarmMap
-from jupyter_swarm.errors import MissingBlocksError
+from jupyter_swarm.errors import MissingBlocksError, format_block_list
 
 DEFAULT_RTT = 0.15  # seconds, for a peer nobody measured (Petals' default)
 MAX_RTT = 5.0
@@ -58,6 +58,30 @@ def usable_servers(swarm: SwarmMap, *, banned: Collection[str] = frozenset(),
     """Online servers a client may use: not banned, on the allow-list (if any), not on the block-list."""
     return [s for s in swarm.online()
             if s.peer_id not in banned and s.peer_id not in blocked and (allowed is None or s.peer_id in allowed)]
+
+
+def unsuitable_servers(swarm: SwarmMap, *, active_adapter: str | None = None,
+                       allowed_quant_types: Collection[str] | None = None) -> set[str]:
+    """Servers whose blocks a client's requests cannot use: those without its active LoRA adapter, and those of a
+    quant type it does not allow (None: all)."""
+    return {s.peer_id for s in swarm.servers.values()
+            if (active_adapter is not None and active_adapter not in s.adapters)
+            or (allowed_quant_types is not None and s.quant_type not in allowed_quant_types)}
+
+
+def explain_missing(error: MissingBlocksError, swarm: SwarmMap,
+                    allowed_quant_types: Collection[str] | None) -> MissingBlocksError:
+    """``error``, or one saying that the missing blocks are served, only not in a quant type the client allows."""
+    if allowed_quant_types is None:
+        return error
+    others = sorted({s.quant_type for s in swarm.online() if s.quant_type not in allowed_quant_types
+                     and any(s.start <= b < s.end for b in error.missing)})
+    if not others:
+        return error
+    return MissingBlocksError(error.missing, error.num_servers, (
+        f"no online server of quant type {' or '.join(sorted(allowed_quant_types))} covers blocks "
+        f"{format_block_list(error.missing)}; servers of quant type {', '.join(others)} do: add them to "
+        "allowed_quant_types, or start a server with `jupyter-swarm serve MODEL --quant-type ...`"))
 
 
 def _check_coverage(servers: list[ServerRecord], start: int, end: int) -> None:

@@ -11,10 +11,12 @@ from typing import Any
 import trio
 from libp2p.crypto.keys import KeyPair
 
-from jupyter_swarm.client.routing import BanList, SpanRoute, choose_chain, choose_forward_chain, servers_to_ping
+from jupyter_swarm.client.routing import (BanList, SpanRoute, choose_chain, choose_forward_chain, explain_missing,
+                                          servers_to_ping, unsuitable_servers)
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
+from jupyter_swarm.models.quantization import parse_quant_type
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
@@ -68,13 +70,14 @@ class SwarmClient:
     def __init__(self, model_prefix: str, num_blocks: int, initial_peers: Sequence[str], *,
                  map_max_age: float = 1.0, wait_for_coverage: float = 10.0, request_timeout: float = REQUEST_TIMEOUT,
                  ban_seconds: float = 15.0, allowed_servers: Collection[str] | None = None,
-                 blocked_servers: Collection[str] = (), swarm_key: str | SwarmKey | None = None,
-                 identity: KeyPair | None = None):
+                 blocked_servers: Collection[str] = (), allowed_quant_types: Collection[str] | None = None,
+                 swarm_key: str | SwarmKey | None = None, identity: KeyPair | None = None):
         self.model_prefix = model_prefix
         if isinstance(allowed_servers, str) or isinstance(blocked_servers, str):
             raise ConfigurationError("allowed_servers and blocked_servers are lists of peer ids, not one string")
         self.allowed_servers = None if allowed_servers is None else frozenset(allowed_servers)
         self.blocked_servers = frozenset(blocked_servers)
+        self.allowed_quant_types = _quant_type_names(allowed_quant_types)  # None: servers of every quant type
         self.active_adapter: str | None = None  # LoRA adapter requests use; routes avoid servers without it
         self.pings = PingAggregator()
         self.push = True  # relay small inference steps from server to server (see client/inference.py)
@@ -134,21 +137,24 @@ class SwarmClient:
         fresh = False
         while True:
             swarm = await self.swarm_map(fresh=fresh)
-            lists = dict(banned=self.bans.banned(), allowed=self.allowed_servers, blocked=self.blocked_servers)
-            if self.active_adapter is not None:
-                lists["blocked"] = self.blocked_servers | {
-                    s.peer_id for s in swarm.servers.values() if self.active_adapter not in s.adapters}
+            lists = dict(banned=self.bans.banned(), allowed=self.allowed_servers,
+                         blocked=self.blocked_servers | self.unsuitable_servers(swarm))
             try:
                 if purpose == "forward":
                     return choose_forward_chain(swarm, start, end, rng=self._rng, **lists)
                 await self._refresh_pings(swarm, start, end, lists)
                 return choose_chain(swarm, start, end, rng=self._rng, pings=self.pings.to_dict(),
                                     cache_tokens=cache_tokens, push=self.push, **lists)
-            except MissingBlocksError:
+            except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise explain_missing(e, swarm, self.allowed_quant_types) from None
             fresh = True
             await trio.sleep(0.25)
+
+    def unsuitable_servers(self, swarm: SwarmMap) -> set[str]:
+        """Servers whose blocks this client's requests cannot use (see :func:`unsuitable_servers`)."""
+        return unsuitable_servers(swarm, active_adapter=self.active_adapter,
+                                  allowed_quant_types=self.allowed_quant_types)
 
     async def _refresh_pings(self, swarm: SwarmMap, start: int, end: int, lists: dict) -> None:
         """Measure round trips to servers not pinged lately: at once the first time, then in the background."""
@@ -200,3 +206,16 @@ class SwarmClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quant_type_names(quant_types: Collection[str] | None) -> frozenset[str] | None:
+    """The names of ``allowed_quant_types`` (checked), or None for all of them."""
+    if quant_types is None:
+        return None
+    if isinstance(quant_types, str):
+        raise ConfigurationError(f"allowed_quant_types is a list of quant types, e.g. [{quant_types!r}], not one string")
+    names = frozenset(parse_quant_type(q).value for q in quant_types)
+    if not names:
+        raise ConfigurationError("allowed_quant_types is empty: list the quant types to use (none, int8, nf4, fp4), "
+                                 "or pass None to use servers of every quant type")
+    return names

@@ -11,6 +11,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+MAX_NAME_CHARS = 32
 
 
 class ServerState(str, Enum):
@@ -35,7 +36,7 @@ class ServerRecord:
     forward_rps: float = 1.0  # tokens/s of batched forward through one block
     cache_tokens_left: int = 0
     dtype: str = "float32"
-    quant_type: str = "none"
+    quant_type: str = "none"  # how its blocks' linear layers are stored: none, int8, nf4 or fp4
     adapters: list[str] = field(default_factory=list)
     next_pings: dict[str, float] = field(default_factory=dict)  # RTT (s) to servers of the next blocks
     moving_to: int | None = None  # start of the span this server is loading to move to (it still serves start:end)
@@ -86,6 +87,9 @@ class ServerRecord:
         peer_id = data.get("peer_id")
         if not isinstance(peer_id, str) or not peer_id:
             raise TypeError("peer_id must be a non-empty string")
+        quant_type = data.get("quant_type", "none")
+        if not isinstance(quant_type, str) or not 0 < len(quant_type) <= MAX_NAME_CHARS:
+            raise TypeError(f"quant_type must be a name of at most {MAX_NAME_CHARS} characters")
         moving_to = data.get("moving_to")
         if moving_to is not None:
             moving_to = _int(data, "moving_to")
@@ -102,7 +106,7 @@ class ServerRecord:
             forward_rps=_rate(data, "forward_rps"),
             cache_tokens_left=max(0, _int(data, "cache_tokens_left", 0)),
             dtype=str(data.get("dtype", "float32")),
-            quant_type=str(data.get("quant_type", "none")),
+            quant_type=quant_type,
             adapters=adapters,
             next_pings={str(k): _positive(v, "ping") for k, v in pings.items()},
             moving_to=moving_to,

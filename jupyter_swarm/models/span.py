@@ -11,6 +11,7 @@ from jupyter_swarm.models.cache import SpanCache
 from jupyter_swarm.models.checkpoint import Checkpoint, cast_floating, check_materialised
 from jupyter_swarm.models.config import config_dtype, load_model_config
 from jupyter_swarm.models.family import ModelFamily, get_family
+from jupyter_swarm.models.quantization import QuantType, parse_quant_type, quantize_block
 
 
 class BlockSpan(nn.Module):
@@ -23,14 +24,15 @@ class BlockSpan(nn.Module):
         config: the whole model's config.
         start, end, num_blocks: the span (``num_blocks = end - start``).
         hidden_size: width of the hidden states it takes and returns.
-        dtype, device: of its weights and cache.
+        dtype, device: of its weights (those outside quantized layers) and cache; the dtype blocks compute in.
+        quant_type: how its linear layers are stored (:mod:`jupyter_swarm.models.quantization`).
         blocks: the decoder layers (``blocks[i]`` is block ``start + i`` of the model).
         checkpoint_names: the checkpoint tensors that were read to build it.
     """
 
     def __init__(self, config: PreTrainedConfig, family: ModelFamily, start: int, end: int, blocks: nn.ModuleList,
                  position_module: nn.Module | None, *, dtype: torch.dtype, device: torch.device,
-                 checkpoint_names: tuple[str, ...] = ()):
+                 quant_type: QuantType = QuantType.NONE, checkpoint_names: tuple[str, ...] = ()):
         super().__init__()
         self.config = config
         self.family = family
@@ -38,24 +40,29 @@ class BlockSpan(nn.Module):
         self.start, self.end, self.num_blocks = start, end, end - start
         self.hidden_size = int(config.hidden_size)
         self.dtype, self.device = dtype, device
+        self.quant_type = quant_type
         self.blocks = blocks
         self.position_module = position_module
         self.checkpoint_names = checkpoint_names
 
     @classmethod
     def load(cls, model: str, start: int, end: int, *, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu") -> BlockSpan:
+             device: str | torch.device = "cpu", quant_type: QuantType | str = QuantType.NONE) -> BlockSpan:
         """Load blocks ``[start, end)`` of ``model`` (a local directory or hub id), reading only their weights.
 
         Args:
             dtype: of the weights and cache; None means the checkpoint's own dtype (float32 if it does not say).
             device: where the weights and cache live.
+            quant_type: "none", "int8", "nf4" or "fp4". Each block is quantized as soon as it is read, before the
+                next one is, so the span is never held in float.
 
         Raises:
             ConfigurationError: the span is empty or outside ``[0, number of blocks]``, or the checkpoint lacks
                 some of the span's weights.
             UnsupportedModelError: ``model`` is not a supported causal LM.
+            MissingDependencyError: a quant type needs bitsandbytes, which is not installed.
         """
+        quant_type = parse_quant_type(quant_type)
         config = load_model_config(model)
         family = get_family(config)
         check_span(start, end, family.num_blocks(config), repr(model))
@@ -69,21 +76,29 @@ class BlockSpan(nn.Module):
         for i, block in enumerate(blocks):
             names = checkpoint.resolve(family.block_prefixes(start + i), block.state_dict().keys(),
                                        what=f"block {start + i}")
-            tensors = checkpoint.read(names.values(), device)
+            # a quantized block is read to the CPU: bitsandbytes quantizes weights as they move from there
+            tensors = checkpoint.read(names.values(), device if quant_type == QuantType.NONE else "cpu")
             state = {local: cast_floating(tensors[name], dtype) for local, name in names.items()}
+            del tensors
             block.load_state_dict(state, strict=True, assign=True)
+            del state
+            if quant_type != QuantType.NONE:
+                blocks[i] = quantize_block(block, quant_type, device=device, dtype=dtype)
+            del block
             names_read.extend(names.values())
         with torch.device(device):
             position_module = family.make_position_module(span_config)
         span = cls(config, family, start, end, blocks, position_module, dtype=dtype, device=device,
-                   checkpoint_names=tuple(names_read))
+                   quant_type=quant_type, checkpoint_names=tuple(names_read))
         check_materialised(span, f"blocks {start}:{end} of {model!r}")
         return span.requires_grad_(False).eval()
 
     def narrow(self, start: int, end: int) -> BlockSpan:
         """Blocks ``[start, end)`` of this span as a span of their own, sharing this span's weights (no copy).
 
-        A server uses it when a client's route needs only part of the server's span.
+        A server uses it when a client's route needs only part of the server's span. The view's blocks are built
+        anew (their layer indices count from the view's start, as its cache does) around the span's own layers,
+        so quantized layers and the adapters hooked on them are shared as they are.
         """
         if (start, end) == (self.start, self.end):
             return self
@@ -94,11 +109,12 @@ class BlockSpan(nn.Module):
         with torch.device("meta"):
             blocks = nn.ModuleList(self.family.make_block(span_config, i) for i in range(end - start))
         for i, block in enumerate(blocks):
-            block.load_state_dict(self.blocks[start - self.start + i].state_dict(), strict=True, assign=True)
+            _share_layers(block, self.blocks[start - self.start + i])
         with torch.device(self.device):
             position_module = self.family.make_position_module(span_config)
         view = BlockSpan(self.config, self.family, start, end, blocks, position_module, dtype=self.dtype,
-                         device=self.device)
+                         device=self.device, quant_type=self.quant_type)
+        check_materialised(view, f"blocks {start}:{end} (a view of {self.start}:{self.end})")
         return view.requires_grad_(False).eval()
 
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
@@ -162,7 +178,20 @@ class BlockSpan(nn.Module):
                 f"got {tuple(prompts.shape)}")
 
     def extra_repr(self) -> str:
-        return f"blocks {self.start}:{self.end} of {self.config.model_type}, dtype={self.dtype}, device={self.device}"
+        return (f"blocks {self.start}:{self.end} of {self.config.model_type}, dtype={self.dtype}, "
+                f"quant_type={self.quant_type.value}, device={self.device}")
+
+
+def _share_layers(target: nn.Module, source: nn.Module) -> None:
+    """Put ``source``'s leaf modules (the layers holding weights) into ``target``, a block of the same shape built
+    on the meta device; a weight held by a module with children is shared tensor by tensor."""
+    for name, module in source.named_modules():
+        if name and not any(True for _ in module.children()):
+            target.set_submodule(name, module)
+    left = {name for name, t in [*target.named_parameters(), *target.named_buffers()] if t.is_meta}
+    if left:
+        state = source.state_dict(keep_vars=True)
+        target.load_state_dict({name: state[name] for name in left if name in state}, strict=False, assign=True)
 
 
 def check_span(start: int, end: int, num_blocks: int, model: str = "the model") -> None:

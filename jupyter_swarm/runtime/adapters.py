@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class ServedAdapters:
     def __init__(self) -> None:
         self.names: list[str] = []
         self._loras: dict[tuple[int, str], dict[str, _Lora]] = {}
+        self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # narrowed views share the span's layers
 
     @classmethod
     def load(cls, specs: Sequence[str], family: ModelFamily, num_blocks: int, *, dtype: torch.dtype,
@@ -106,7 +108,11 @@ class ServedAdapters:
             raise InvalidRequestError(f"adapter {name!r} is not served here (this server hosts: {hosted})")
 
     def attach(self, span: BlockSpan) -> None:
-        """Hook every adapted layer of ``span``'s blocks (the span or a narrowed view of it)."""
+        """Hook every adapted layer of ``span``'s blocks (the span or a narrowed view of it), once per layer.
+
+        Quantized layers (bitsandbytes' ``Linear8bitLt`` and ``Linear4bit`` are ``nn.Linear`` subclasses) are
+        hooked like float ones: the LoRA update runs in the adapter's dtype on the layer's input.
+        """
         for i, block in enumerate(span.blocks):
             index = span.start + i
             modules = dict(block.named_modules())
@@ -114,6 +120,8 @@ class ServedAdapters:
                 if block_index != index:
                     continue
                 module = modules.get(path)
+                if module in self._hooked:
+                    continue
                 if not isinstance(module, nn.Linear):
                     raise ConfigurationError(f"adapter layer {path} of block {index} is not a linear layer here")
                 for name, lora in loras.items():
@@ -122,6 +130,7 @@ class ServedAdapters:
                                                  f"{list(lora.a.shape)}, {list(lora.b.shape)} do not fit "
                                                  f"{module.in_features} -> {module.out_features}")
                 module.register_forward_hook(_make_hook(loras))
+                self._hooked.add(module)
 
 
 def _make_hook(loras: dict[str, _Lora]) -> Any:

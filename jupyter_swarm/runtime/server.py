@@ -21,6 +21,7 @@ from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.models import BlockSpan, load_model_config
 from jupyter_swarm.models.config import config_dtype
 from jupyter_swarm.models.family import get_family
+from jupyter_swarm.models.quantization import QuantType, check_device_runs, parse_quant_type, weight_bytes
 from jupyter_swarm.p2p.host import DEFAULT_LISTEN, P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
@@ -71,13 +72,34 @@ def parse_blocks_option(text: str | None, num_blocks: int, serve_blocks: int | N
     return parse_blocks(text, num_blocks)
 
 
-def block_bytes(model_config: Any, dtype: torch.dtype) -> int:
-    """Memory the weights of one block take, in bytes (built on the meta device: nothing is allocated)."""
+def block_bytes(model_config: Any, dtype: torch.dtype, quant_type: QuantType = QuantType.NONE) -> int:
+    """Memory the weights of one block take once loaded (quantized, if ``quant_type`` says so), in bytes.
+
+    The block is built on the meta device: nothing is allocated.
+    """
     family = get_family(model_config)
     with torch.device("meta"):
         block = family.make_block(family.span_config(model_config, 0, 1), 0)
-    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    return sum(p.numel() for p in block.parameters()) * size
+    return weight_bytes(block, quant_type, dtype)
+
+
+def choose_quant_type(requested: str, *, device: str, float_span_bytes: int, usable_bytes: int) -> QuantType:
+    """The quant type a server uses: ``requested``, unless it is ``auto``.
+
+    ``auto`` is ``nf4`` on a CUDA device whose usable memory cannot hold the span it wants (``float_span_bytes``:
+    the pinned span, ``--num-blocks`` blocks, or else the whole model) in float; ``none`` otherwise. Float blocks
+    compute fastest and give the same outputs as a local model; 4-bit ones take a quarter of float16's memory,
+    which is what lets consumer GPUs hold big models. NF4 rather than FP4 or int8: it loses the least accuracy
+    per bit (bench/README.md) and bitsandbytes' 4-bit kernels are its fastest on GPUs. CPUs keep float: there,
+    bitsandbytes' kernels are slower than float ones (bench/README.md) and memory is rarely the limit.
+    """
+    if requested.strip().lower() != "auto":
+        return parse_quant_type(requested)
+    if torch.device(device).type == "cuda" and float_span_bytes > usable_bytes:
+        logger.info("quant type auto: %.0f MiB of float blocks do not fit in %.0f MiB, so nf4",
+                    float_span_bytes / 2**20, usable_bytes / 2**20)
+        return QuantType.NF4
+    return QuantType.NONE
 
 
 def available_memory(device: str) -> int:
@@ -110,6 +132,7 @@ class ServerConfig:
     identity_path: str | None = None
     dtype: torch.dtype | None = None
     device: str = "cpu"
+    quant_type: str = "auto"  # none | int8 | nf4 | fp4 | auto (see choose_quant_type)
     cache_bytes: int = 512 * 2**20
     max_session_length: int = 8192
     session_timeout: float = 30 * 60
@@ -144,6 +167,7 @@ class BlockServer:
         self.adapters: ServedAdapters | None = None
         self.start_block, self.end_block = config.start, config.end
         self.auto = config.start is None
+        self.quant_type = QuantType.NONE  # resolved from config.quant_type by start()
         self.moves = 0
         self.moving_to: int | None = None
         self.pings = PingAggregator()
@@ -163,15 +187,7 @@ class BlockServer:
     def start(self) -> "BlockServer":
         """Join the swarm (announcing 'joining'), load the span, then announce 'online'. Returns when online."""
         cfg = self.config
-        model_config = self.model_config = load_model_config(cfg.model)
-        total = self.num_blocks = num_blocks_of(model_config)
-        if (cfg.start is None) != (cfg.end is None):
-            raise ConfigurationError("give both ends of the span (start and end), or neither for automatic placement")
-        if cfg.start is not None and not 0 <= cfg.start < cfg.end <= total:  # type: ignore[operator]
-            raise ConfigurationError(
-                f"blocks {cfg.start}:{cfg.end} are outside the model: it has {total} blocks (0:{total})")
-        if cfg.serve_blocks is not None and not 0 < cfg.serve_blocks <= total:
-            raise ConfigurationError(f"num_blocks {cfg.serve_blocks} is outside the model: use 1..{total}")
+        self.prepare()
         identity = load_or_create_identity(cfg.identity_path) if cfg.identity_path else new_identity()
         self.swarm_key = resolve_swarm_key(cfg.swarm_key)
         self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs,
@@ -184,7 +200,7 @@ class BlockServer:
                 self.start_block, self.end_block = self.node.call(self._choose_span)
             self.node.spawn_from_thread(self._announce_loop)
             self.span = BlockSpan.load(cfg.model, self.start_block, self.end_block, dtype=cfg.dtype,
-                                       device=cfg.device)
+                                       device=cfg.device, quant_type=self.quant_type)
             self.service = self._make_service(self.span)
             self._set_rates(self.span)
             self.node.set_handler(RPC, self._handle_rpc)
@@ -201,21 +217,58 @@ class BlockServer:
         logger.info("serving blocks %d:%d of %s as %s", self.start_block, self.end_block, self.prefix, self.addrs)
         return self
 
+    def prepare(self) -> None:
+        """Read the model's config and check the options against it, choosing the quant type (no network yet)."""
+        cfg = self.config
+        model_config = self.model_config = load_model_config(cfg.model)
+        total = self.num_blocks = num_blocks_of(model_config)
+        if (cfg.start is None) != (cfg.end is None):
+            raise ConfigurationError("give both ends of the span (start and end), or neither for automatic placement")
+        if cfg.start is not None and not 0 <= cfg.start < cfg.end <= total:  # type: ignore[operator]
+            raise ConfigurationError(
+                f"blocks {cfg.start}:{cfg.end} are outside the model: it has {total} blocks (0:{total})")
+        if cfg.serve_blocks is not None and not 0 < cfg.serve_blocks <= total:
+            raise ConfigurationError(f"num_blocks {cfg.serve_blocks} is outside the model: use 1..{total}")
+        self.quant_type = self._choose_quant_type()
+        check_device_runs(self.quant_type, cfg.device, self.dtype)  # refuse before joining, not at a first request
+
     # ---- placement and rebalancing ------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype blocks compute in (and non-quantized weights are stored in)."""
+        return self.config.dtype or config_dtype(self.model_config)
+
+    def _memory_bytes(self) -> int:
+        cfg = self.config
+        return cfg.memory_bytes if cfg.memory_bytes is not None else int(available_memory(cfg.device) * 0.8)
+
+    def _choose_quant_type(self) -> QuantType:
+        cfg = self.config
+        if cfg.start is not None:
+            wanted = cfg.end - cfg.start  # type: ignore[operator]
+        else:
+            wanted = cfg.serve_blocks or self.num_blocks
+        float_bytes = 0
+        if cfg.quant_type.strip().lower() == "auto":
+            float_bytes = wanted * block_bytes(self.model_config, self.dtype)
+        return choose_quant_type(cfg.quant_type, device=cfg.device, float_span_bytes=float_bytes,
+                                 usable_bytes=self._memory_bytes() - cfg.cache_bytes)
+
     def span_length(self) -> int:
-        """Blocks to serve under automatic placement: ``serve_blocks``, or as many as the memory holds."""
+        """Blocks to serve under automatic placement: ``serve_blocks``, or as many as the memory holds (counting
+        each block's weights as they take memory once quantized)."""
         cfg = self.config
         if cfg.serve_blocks is not None:
             return cfg.serve_blocks
-        dtype = cfg.dtype or config_dtype(self.model_config)
-        memory = cfg.memory_bytes if cfg.memory_bytes is not None else int(available_memory(cfg.device) * 0.8)
-        weights = block_bytes(self.model_config, dtype)
+        memory = self._memory_bytes()
+        weights = block_bytes(self.model_config, self.dtype, self.quant_type)
         length = span_length_for_memory(memory - cfg.cache_bytes, weights, 0, self.num_blocks)
         if memory - cfg.cache_bytes < weights:
             raise ConfigurationError(
                 f"not enough memory for one block: {memory / 2**20:.0f} MiB usable, a block takes "
-                f"{weights / 2**20:.0f} MiB plus {cfg.cache_bytes / 2**20:.0f} MiB of cache budget; "
-                "lower --cache-mib or raise --memory-mib")
+                f"{weights / 2**20:.0f} MiB ({self.quant_type.value}) plus {cfg.cache_bytes / 2**20:.0f} MiB of "
+                "cache budget; lower --cache-mib or raise --memory-mib"
+                + (", or quantize the blocks (--quant-type nf4)" if self.quant_type == QuantType.NONE else ""))
         return length
 
     async def read_map(self) -> SwarmMap:
@@ -254,7 +307,8 @@ class BlockServer:
         try:
             await self._announce_once()  # others see where we are going and do not rush there too
             span = await trio.to_thread.run_sync(
-                lambda: BlockSpan.load(cfg.model, new_start, new_end, dtype=cfg.dtype, device=cfg.device))
+                lambda: BlockSpan.load(cfg.model, new_start, new_end, dtype=cfg.dtype, device=cfg.device,
+                                       quant_type=self.quant_type))
         finally:
             self.moving_to = None
         service = self._make_service(span)
@@ -364,6 +418,7 @@ class BlockServer:
             cache_tokens_left=self.service.cache_tokens_left() if self.service else 0,
             next_pings=dict(sorted(pings.items(), key=lambda kv: kv[1])[:16]), moving_to=self.moving_to,
             dtype=str(self.span.dtype if self.span else cfg.dtype or "float32").removeprefix("torch."),
+            quant_type=self.quant_type.value,
             adapters=list(self.adapters.names) if self.adapters else [],
             version=jupyter_swarm.__version__)
 

@@ -157,7 +157,7 @@ class SpanService:
         kind = message["type"]
         if kind == "info":
             return pack({"type": "info", "start": self.span.start, "end": self.span.end,
-                         "dtype": str(self.span.dtype).removeprefix("torch."),
+                         "dtype": str(self.span.dtype).removeprefix("torch."), "quant_type": self.span.quant_type.value,
                          "cache_tokens_left": self.cache_tokens_left()})
         span = self.view(message)
         compression = _compression(message)

@@ -1,4 +1,4 @@
-"""How fast a server is: measured once per device, model shape and dtype, then cached on disk.
+"""How fast a server is: measured once per device, model shape, dtype and quant type, then cached on disk.
 
 * ``inference_rps``: inference steps per second through one block (batch 1, one new token, with a cache).
 * ``forward_rps``: tokens per second of batched forward through one block.
@@ -55,7 +55,8 @@ def cache_key(span: Any) -> str:
     config = span.config
     shape = [getattr(config, name, None) for name in
              ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")]
-    return json.dumps([device_name(span.device), str(span.dtype), shape])
+    quant_type = getattr(getattr(span, "quant_type", None), "value", "none")  # quantized blocks run at their own speed
+    return json.dumps([device_name(span.device), str(span.dtype), quant_type, shape])
 
 
 def network_rps(hidden_size: int, dtype: torch.dtype, bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS) -> float:
