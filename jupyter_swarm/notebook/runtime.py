@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 import time
@@ -21,8 +20,6 @@ from typing import Any
 from jupyter_swarm.notebook import state as state_files
 
 logger = logging.getLogger(__name__)
-
-DEMO_NAMES = ("demo", "demo-llama")
 
 
 def _rss_bytes() -> int:
@@ -68,35 +65,6 @@ class GenerationResult:
 
     def gaps(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
-
-
-class _QueueStreamer:
-    """A generate() streamer that hands each decoded piece of text to ``on_text``."""
-
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self._first = True
-        self._ids: list[int] = []
-        self._emitted = ""
-
-    def put(self, value: Any) -> None:
-        if self._first:  # generate() first hands over the prompt
-            self._first = False
-            return
-        ids = value.reshape(-1).tolist()
-        if len(ids) != 1:  # beam search: generate() streams nothing per step for beams
-            return
-        self._ids.extend(ids)
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            self.on_text("")
-            return
-        piece, self._emitted = text[len(self._emitted):], text
-        self.on_text(piece)
-
-    def end(self) -> None:
-        pass
 
 
 class SwarmRuntime:
@@ -150,21 +118,18 @@ class SwarmRuntime:
         if self.connected:
             self.disconnect()
         key = resolve_swarm_key(swarm_key)
-        path = model
-        if model in DEMO_NAMES:
-            from jupyter_swarm.demo import DEMO_MODEL
-            from jupyter_swarm.models import make_tiny_model
+        from jupyter_swarm.demo import DEMO_NAMES, demo_model_path
 
-            root = Path(os.path.expanduser("~/.cache/jupyter-swarm/demo"))
-            progress(f"demo model: a random Llama-style model with {DEMO_MODEL['num_layers']} blocks")
-            path = make_tiny_model(str(root / "demo-llama"), **DEMO_MODEL)
+        if model in DEMO_NAMES:
+            progress(f"{model} model: {DEMO_NAMES[model]}")
+        path = demo_model_path(model) or model
         if local:
-            from jupyter_swarm.local_swarm import LocalSwarm
+            from jupyter_swarm.local_swarm import LocalSwarm, default_spans
             from jupyter_swarm.models import load_model_config
             from jupyter_swarm.runtime.server import num_blocks_of
 
             total = num_blocks_of(load_model_config(path))
-            spans = list(spans) if spans else _default_spans(total)
+            spans = list(spans) if spans else default_spans(total)
             for start, end in spans:
                 if not 0 <= start < end <= total:
                     raise ConfigurationError(f"span {start}:{end} is outside the model's {total} blocks")
@@ -242,14 +207,20 @@ class SwarmRuntime:
 
     # ---- generating ----------------------------------------------------------------------------------------
     def generate_stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
-                        top_p: float = 1.0, num_beams: int = 1) -> Iterator[str | GenerationResult]:
+                        top_p: float = 1.0, num_beams: int = 1, chat: bool | None = None,
+                        system_prompt: str | None = None) -> Iterator[str | GenerationResult]:
         """Generate in a background thread; yields text pieces as they arrive and finally the result.
+
+        ``chat``: send ``prompt`` as a user message through the tokenizer's chat template, after
+        ``system_prompt`` (default: a helpful assistant); None (the default) means "when the model has a chat
+        template". False sends ``prompt`` as it is, to be continued.
 
         :meth:`stop_generation` (or closing the iterator, e.g. on KeyboardInterrupt) ends the request cleanly.
         """
         pieces: queue.Queue[Any] = queue.Queue()
         thread = self.start_generation(prompt, on_text=pieces.put, on_done=pieces.put, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, num_beams=num_beams)
+                                       temperature=temperature, top_p=top_p, num_beams=num_beams, chat=chat,
+                                       system_prompt=system_prompt)
         try:
             while True:
                 item = pieces.get()
@@ -263,8 +234,10 @@ class SwarmRuntime:
 
     def start_generation(self, prompt: str, *, on_text: Callable[[str], None],
                          on_done: Callable[[GenerationResult], None], max_new_tokens: int = 32,
-                         temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1) -> threading.Thread:
-        """Start generating in a background thread; ``on_text`` gets pieces, ``on_done`` the result."""
+                         temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1, chat: bool | None = None,
+                         system_prompt: str | None = None) -> threading.Thread:
+        """Start generating in a background thread; ``on_text`` gets pieces, ``on_done`` the result (``chat`` and
+        ``system_prompt`` as in :meth:`generate_stream`)."""
         from jupyter_swarm.errors import ConfigurationError
 
         model = self.require_model()
@@ -277,7 +250,8 @@ class SwarmRuntime:
             result = GenerationResult()
             began = time.perf_counter()
             try:
-                self._generate(model, prompt, result, on_text, max_new_tokens, temperature, top_p, num_beams)
+                input_ids = self.encode_prompt(prompt, chat=chat, system_prompt=system_prompt)
+                self._generate(model, input_ids, result, on_text, max_new_tokens, temperature, top_p, num_beams)
             except Exception as e:  # noqa: BLE001 - shown to the user by the caller
                 result.error = f"{type(e).__name__}: {e}"
             finally:
@@ -292,7 +266,18 @@ class SwarmRuntime:
         thread.start()
         return thread
 
-    def _generate(self, model: Any, prompt: str, result: GenerationResult, on_text: Callable[[str], None],
+    def encode_prompt(self, prompt: str, *, chat: bool | None = None, system_prompt: str | None = None) -> Any:
+        """Token ids of ``prompt`` (``chat`` and ``system_prompt`` as in :meth:`generate_stream`)."""
+        from jupyter_swarm.client.chat import DEFAULT_SYSTEM_PROMPT, chat_input_ids, chat_messages, has_chat_template
+
+        if chat is None:
+            chat = has_chat_template(self.tokenizer)
+        if not chat:
+            return self.tokenizer(prompt, return_tensors="pt").input_ids
+        system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        return chat_input_ids(self.tokenizer, chat_messages(prompt, system))
+
+    def _generate(self, model: Any, input_ids: Any, result: GenerationResult, on_text: Callable[[str], None],
                   max_new_tokens: int, temperature: float, top_p: float, num_beams: int) -> None:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -310,7 +295,8 @@ class SwarmRuntime:
             result.text += piece
             on_text(piece)
 
-        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        from jupyter_swarm.client.streaming import TextPieceStreamer
+
         sampling = temperature > 0
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=num_beams,
                                       stopping_criteria=StoppingCriteriaList([_Stop()]),
@@ -318,7 +304,7 @@ class SwarmRuntime:
         if sampling:
             kwargs.update(temperature=temperature, top_p=top_p)
         if num_beams == 1:
-            kwargs["streamer"] = _QueueStreamer(self.tokenizer, on_piece)
+            kwargs["streamer"] = TextPieceStreamer(self.tokenizer, on_piece)
         with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
             output = model.generate(input_ids, **kwargs)
             result.route = [(r.peer_id, r.start, r.end) for r in session.routes]
@@ -542,14 +528,6 @@ def _kernel_id() -> str | None:
     except Exception:  # noqa: BLE001 - not in a kernel
         return None
     return name.removeprefix("kernel-")
-
-
-def _default_spans(total: int) -> list[tuple[int, int]]:
-    """Local swarm layout: two halves plus a server overlapping the second half (like the demo)."""
-    if total < 2:
-        return [(0, total)]
-    half = total // 2
-    return [(0, half), (half, total), (max(0, half // 2), total)]
 
 
 def _describe_error(e: BaseException) -> str:

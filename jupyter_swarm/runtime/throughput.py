@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from jupyter_swarm.paths import user_cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTH_MBPS = 100.0
@@ -42,7 +44,7 @@ def cache_path() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jupyter-swarm" / "throughput.json"
+    return user_cache_dir() / "throughput.json"
 
 
 def device_name(device: torch.device) -> str:

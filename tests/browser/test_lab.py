@@ -140,7 +140,7 @@ def test_quickstart_in_jupyterlab(page, lab) -> None:
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('Swarm: not connected')")
 
     # ---- run the quickstart cells like a user: Shift+Enter, one after another --------------------------------
-    for text in ("%load_ext jupyter_swarm", "%swarm connect demo --local"):
+    for text in ("%load_ext jupyter_swarm", "%swarm connect tiny --local"):
         _run_cell_containing(page, text)
     summary = nb.locator(".jupyter-swarm-summary")
     summary.filter(has_text="all blocks covered").wait_for(timeout=180_000)
@@ -206,7 +206,7 @@ def test_quickstart_in_jupyterlab(page, lab) -> None:
     panel.locator(".jp-SwarmPanel-count").first.wait_for(timeout=30_000)
     assert panel.locator(".jp-SwarmPanel-count").count() == 8
     assert panel.locator(".jp-SwarmPanel-server").count() == 3
-    page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('demo-llama')")
+    page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('tiny-llama')")
     shot(page, "07-sidebar")
     button = panel.locator(".jp-SwarmPanel-serveButton")
     assert button.inner_text() in ("Contribute this machine", "Contribute this GPU")
@@ -243,7 +243,7 @@ def test_contribute_fills_a_hole(browser, lab, page) -> None:
     page.close()
     page = open_notebook(browser, lab, "contribute.ipynb")
     nb = page.locator(NOTEBOOK)
-    for text in ("%load_ext jupyter_swarm", "%swarm connect demo --local --spans 0:4", "%swarm status", "%swarm panel"):
+    for text in ("%load_ext jupyter_swarm", "%swarm connect tiny --local --spans 0:4", "%swarm status", "%swarm panel"):
         _run_cell_containing(page, text)
     summary = nb.locator(".jupyter-swarm-summary")
     summary.filter(has_text="missing blocks [4, 5, 6, 7]").wait_for(timeout=180_000)

@@ -74,7 +74,7 @@ def test_help_and_bad_arguments_print_usage_not_tracebacks(kernel: Kernel) -> No
     for line, expected in [("%swarm frobnicate", "invalid choice"), ("%swarm generate --max-new-tokens x", "invalid int"),
                            ("%swarm connect", "required: model"), ('%swarm generate "unclosed', "cannot parse"),
                            ("%swarm status", "not connected"), ("%swarm connect demo", "--peers"),
-                           ("%swarm connect demo --peers not-an-address", "does not parse"),
+                           ("%swarm connect tiny --peers not-an-address", "does not parse"),
                            ("%%swarm status\nx", "only as")]:
         out = kernel.run(line)
         assert not errors(out), (line, out)
@@ -82,7 +82,7 @@ def test_help_and_bad_arguments_print_usage_not_tracebacks(kernel: Kernel) -> No
 
 
 def test_connect_status_peers_route(kernel: Kernel) -> None:
-    out = kernel.run("%swarm connect demo --local", timeout=240)
+    out = kernel.run("%swarm connect tiny --local", timeout=240)
     assert not errors(out), out
     text = kernel.stdout(out)
     assert "starting a local swarm: 3 server(s)" in text and "swarm.model" in text
@@ -206,7 +206,7 @@ def test_kernel_shutdown_stops_the_local_swarm() -> None:
     k = Kernel()
     try:
         k.run("%load_ext jupyter_swarm")
-        out = k.run("%swarm connect demo --local --spans 0:8", timeout=240)
+        out = k.run("%swarm connect tiny --local --spans 0:8", timeout=240)
         assert not errors(out)
         pids = [int(p) for p in k.value("' '.join(str(s.process.pid) for s in swarm.local_swarm.servers)").split()]
         assert len(pids) == 1
