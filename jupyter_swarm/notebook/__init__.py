@@ -1,14 +1,15 @@
-"""The notebook experience: `%swarm` magics, live widgets and the kernel-side runtime behind them.
+"""The notebook experience: `%swarm` magics, live widgets and the kernel's swarm behind them.
 
 `%load_ext jupyter_swarm` registers the magics. Widgets (imported on use, they need ipywidgets and plotly):
-``GenerationWidget``, ``SwarmMapWidget``, ``ServePanel``. ``get_runtime()`` is this kernel's swarm runtime.
+``GenerationWidget``, ``SwarmMapWidget``, ``ServePanel``. ``get_kernel_swarm()`` is this kernel's
+:class:`~jupyter_swarm.notebook.kernel_swarm.KernelSwarm` (the magics' ``swarm``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GenerationWidget", "ServePanel", "SwarmMapWidget", "get_runtime", "load_ipython_extension"]
+__all__ = ["GenerationWidget", "ServePanel", "SwarmMapWidget", "get_kernel_swarm", "load_ipython_extension"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -17,8 +18,9 @@ def load_ipython_extension(ipython: Any) -> None:
     load(ipython)
 
 
-def get_runtime() -> Any:
-    from jupyter_swarm.notebook.runtime import get_runtime as get
+def get_kernel_swarm() -> Any:
+    """This kernel's swarm (created on first use)."""
+    from jupyter_swarm.notebook.kernel_swarm import get_kernel_swarm as get
 
     return get()
 

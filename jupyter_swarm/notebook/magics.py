@@ -11,7 +11,8 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-from jupyter_swarm.notebook.runtime import GenerationResult, get_runtime
+from jupyter_swarm.notebook.generation import GenerationResult
+from jupyter_swarm.notebook.kernel_swarm import KernelSwarm, get_kernel_swarm
 
 DESCRIPTION = """Drive a swarm from this notebook. Subcommands:
   connect MODEL [--peers MADDR ...] [--local] [--swarm-key FILE]
@@ -100,9 +101,9 @@ def _show(text: str, html_text: str) -> None:
     display({"text/plain": text, "text/html": html_text}, raw=True)
 
 
-def summary(runtime: Any) -> tuple[str, str]:
+def summary(swarm: KernelSwarm) -> tuple[str, str]:
     """One-paragraph summary: model, blocks, servers online, coverage."""
-    swarm_map = runtime.read_map()
+    swarm_map = swarm.connection.read_map()
     coverage = swarm_map.coverage()
     missing = swarm_map.missing_blocks()
     online = len(swarm_map.online())
@@ -171,30 +172,30 @@ class SwarmMagics(Magics):
         if not args.local and not args.peers:
             raise ConfigurationError("give the swarm's addresses with --peers /ip4/.../p2p/... "
                                      "(or --local to start a swarm on this machine)")
-        runtime = get_runtime()
-        runtime.connect(args.model, args.peers, local=args.local, spans=spans,
+        swarm = get_kernel_swarm()
+        swarm.connect(args.model, args.peers, local=args.local, spans=spans,
                         progress=lambda msg: print(msg, flush=True), swarm_key=args.swarm_key)
-        self.shell.user_ns["swarm"] = runtime
+        self.shell.user_ns["swarm"] = swarm
         print("connected: the model is `swarm.model` (a transformers model: swarm.model.generate(...)), "
               "its tokenizer `swarm.tokenizer`")
         if args.local:
-            print("initial peers of the local swarm: " + " ".join(runtime.initial_peers[:1]))
+            print("initial peers of the local swarm: " + " ".join(swarm.initial_peers[:1]))
         from jupyter_swarm.notebook.widgets import SwarmSummary
 
-        display(SwarmSummary(runtime))
+        display(SwarmSummary(swarm))
 
     def _status(self, args: argparse.Namespace, cell: str | None) -> None:
-        text, html_text = summary(get_runtime())
+        text, html_text = summary(get_kernel_swarm())
         _show(text, html_text)
 
     def _peers(self, args: argparse.Namespace, cell: str | None) -> None:
-        runtime = get_runtime()
-        swarm_map = runtime.read_map()
+        swarm = get_kernel_swarm()
+        swarm_map = swarm.connection.read_map()
         records = sorted(swarm_map.servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
         if not records:
             print("no servers announce this model (they may still be starting, or their records expired)")
             return
-        own = runtime.server.peer_id if runtime.server is not None and runtime.server.node is not None else None
+        own = swarm.serving.own_peer_id()
         headers = ["server", "blocks", "state", "throughput (steps/s)", "free cache (tokens)", "record expires in"]
         rows, lines = [], ["  ".join(headers)]
         for r in records:
@@ -206,8 +207,8 @@ class SwarmMagics(Magics):
         _show("\n".join(lines), _html_table(headers, rows))
 
     def _route(self, args: argparse.Namespace, cell: str | None) -> None:
-        runtime = get_runtime()
-        chain = runtime.next_route()
+        swarm = get_kernel_swarm()
+        chain = swarm.connection.next_route()
         text = "client -> " + " -> ".join(f"{p[-8:]} [{a}:{b}]" for p, a, b in chain) + " -> client"
         hops = "".join(f" &rarr; <code>{html.escape(p[-8:])}</code> [{a}:{b}]" for p, a, b in chain)
         _show(text, f"<div class='jupyter-swarm-route'>client{hops} &rarr; client</div>")
@@ -223,11 +224,11 @@ class SwarmMagics(Magics):
                                      "0 < --top-p <= 1")
         from jupyter_swarm.client.chat import has_chat_template
 
-        runtime = get_runtime()
-        runtime.require_model()
-        chat = not args.raw and has_chat_template(runtime.tokenizer)
+        swarm = get_kernel_swarm()
+        swarm.connection.require_model()
+        chat = not args.raw and has_chat_template(swarm.tokenizer)
         print(f"{prompt}\n\n" if chat else prompt, end="", flush=True)  # a chat answers; a plain prompt continues
-        stream = runtime.generate_stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        stream = swarm.generate_stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, num_beams=args.num_beams, chat=chat,
                                          system_prompt=args.system)
         result: GenerationResult | None = None
@@ -252,27 +253,27 @@ class SwarmMagics(Magics):
               + (f"\nroute: client -> {chain} -> client" if chain else ""), flush=True)
 
     def _serve(self, args: argparse.Namespace, cell: str | None) -> None:
-        runtime = get_runtime()
-        runtime.serve(args.blocks, device=args.device, dtype=args.dtype)
-        print(f"serving blocks ({args.blocks}) of {runtime.model_path} from this kernel in the background; "
+        swarm = get_kernel_swarm()
+        swarm.serve(args.blocks, device=args.device, dtype=args.dtype)
+        print(f"serving blocks ({args.blocks}) of {swarm.model_path} from this kernel in the background; "
               "`%swarm stop` stops it, `%swarm panel` shows its progress and stats")
 
     def _stop(self, args: argparse.Namespace, cell: str | None) -> None:
-        runtime = get_runtime()
-        was = runtime.serve_state
-        runtime.stop_serving()
+        swarm = get_kernel_swarm()
+        was = swarm.serve_state
+        swarm.stop_serving()
         print("stopped serving" if was in ("starting", "serving") else "this kernel was not serving")
 
     def _map(self, args: argparse.Namespace, cell: str | None) -> Any:
         from jupyter_swarm.notebook.widgets import SwarmMapWidget
 
-        get_runtime().require_model()
+        get_kernel_swarm().connection.require_model()
         return SwarmMapWidget()
 
     def _widget(self, args: argparse.Namespace, cell: str | None) -> Any:
         from jupyter_swarm.notebook.widgets import GenerationWidget
 
-        get_runtime().require_model()
+        get_kernel_swarm().connection.require_model()
         widget = GenerationWidget(prompt=args.prompt)
         widget.max_new_tokens.value = args.max_new_tokens
         return widget
@@ -283,7 +284,7 @@ class SwarmMagics(Magics):
         return ServePanel()
 
     def _disconnect(self, args: argparse.Namespace, cell: str | None) -> None:
-        get_runtime().disconnect()
+        get_kernel_swarm().disconnect()
         print("disconnected")
 
 

@@ -1,8 +1,9 @@
-"""What a kernel's swarm runtime shows the Jupyter server: a small JSON state file per kernel, plus requests back.
+"""What a kernel's swarm shows the Jupyter server: a small JSON state file per kernel, plus requests back.
 
-The kernel-side runtime writes ``<state dir>/kernel-<pid>.json`` about once a second while it is connected or
-serving, and removes it on shutdown. The server extension (top-level ``server/``) only reads those files and
-drops ``kernel-<pid>.request.json`` files (serve start/stop) that the kernel picks up. Nothing here imports torch.
+The kernel's publisher (:mod:`jupyter_swarm.notebook.publishing`) writes ``<state dir>/kernel-<pid>.json`` about
+once a second while it is connected or serving, and removes it on shutdown. The server extension (top-level
+``server/``) only reads those files and drops ``kernel-<pid>.request.json`` files (serve start/stop) that the
+kernel picks up. Nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from jupyter_swarm.notebook.runtime import GenerationResult, SwarmRuntime, get_runtime
+from jupyter_swarm.notebook.generation import GenerationResult
+from jupyter_swarm.notebook.kernel_swarm import KernelSwarm, get_kernel_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,18 @@ class SwarmSummary(widgets.HTML, _Refresher):
 
     period = 2.0
 
-    def __init__(self, runtime: SwarmRuntime | None = None, **kwargs: Any):
+    def __init__(self, swarm: KernelSwarm | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.runtime = runtime or get_runtime()
+        self.swarm = swarm or get_kernel_swarm()
         self.add_class("jupyter-swarm-summary")
         self._start_refreshing()
 
     def refresh(self) -> None:
-        if not self.runtime.connected:
+        if not self.swarm.connected:
             self.value = "<i>disconnected</i>"
             self.stop_refreshing()
             return
-        swarm_map = self.runtime.read_map(max_age=1.0)
+        swarm_map = self.swarm.connection.read_map(max_age=1.0)
         missing = swarm_map.missing_blocks()
         state = (f"<span style='color:{GREEN}'>all blocks covered</span>" if not missing
                  else f"<span style='color:{RED}'>missing blocks {missing}</span>")
@@ -105,8 +106,8 @@ class SwarmSummary(widgets.HTML, _Refresher):
 class GenerationWidget(widgets.VBox):
     """Prompt, sampling controls, Generate/Stop, tokens streaming live, speed and the route taken."""
 
-    def __init__(self, runtime: SwarmRuntime | None = None, prompt: str = "Once upon a time", **kwargs: Any):
-        self.runtime = runtime or get_runtime()
+    def __init__(self, swarm: KernelSwarm | None = None, prompt: str = "Once upon a time", **kwargs: Any):
+        self.swarm = swarm or get_kernel_swarm()
         style = {"description_width": "110px"}
         self.prompt = widgets.Textarea(value=prompt, description="Prompt", layout=widgets.Layout(width="98%"),
                                        style=style)
@@ -155,7 +156,7 @@ class GenerationWidget(widgets.VBox):
         self.route.value = ""
         self._render_output(True)
         try:
-            self.runtime.start_generation(
+            self.swarm.generation.start_generation(
                 self.prompt.value, on_text=self._on_text, on_done=self._on_done,
                 max_new_tokens=self.max_new_tokens.value, temperature=self.temperature.value,
                 top_p=self.top_p.value, num_beams=self.num_beams.value)
@@ -192,7 +193,7 @@ class GenerationWidget(widgets.VBox):
 
     def stop(self) -> None:
         """Stop the running generation; the widget (and the model's session) can be used again."""
-        self.runtime.stop_generation()
+        self.swarm.generation.stop_generation()
 
 
 class SwarmMapWidget(widgets.VBox, _Refresher):
@@ -200,10 +201,10 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
 
     period = 2.0
 
-    def __init__(self, runtime: SwarmRuntime | None = None, **kwargs: Any):
+    def __init__(self, swarm: KernelSwarm | None = None, **kwargs: Any):
         import plotly.graph_objects as go
 
-        self.runtime = runtime or get_runtime()
+        self.swarm = swarm or get_kernel_swarm()
         self.header = widgets.HTML("<b>Swarm map</b> <i>loading...</i>")
         self.strip = widgets.HTML("")
         self.coverage_fig = go.FigureWidget(
@@ -235,27 +236,27 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
 
     def _chain(self, swarm_map: Any) -> list[tuple[str, int, int]]:
         online = tuple(sorted((r.peer_id, r.start, r.end) for r in swarm_map.online()))
-        result = self.runtime.last_result
+        result = self.swarm.generation.last_result
         if result is not None and result.route and all(p in swarm_map.servers for p, _, _ in result.route):
             key: tuple[Any, ...] = ("last", id(result), online)
             if key != self._route_key:
                 self._route_key, self._route = key, list(result.route)
         elif online != (self._route_key or (None,))[-1]:
             try:
-                self._route = self.runtime.next_route()
+                self._route = self.swarm.connection.next_route()
             except Exception:  # noqa: BLE001 - holes: no chain
                 self._route = []
             self._route_key = ("next", online)
         return self._route
 
     def refresh(self) -> None:
-        if not self.runtime.connected:
+        if not self.swarm.connected:
             self.header.value = "<b>Swarm map</b> <i>disconnected: updates stopped</i>"
             self.stop_refreshing()
             return
-        swarm_map = self.runtime.read_map(max_age=1.0)
+        swarm_map = self.swarm.connection.read_map(max_age=1.0)
         records = sorted(swarm_map.servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
-        own = self.runtime.server.peer_id if self.runtime.server is not None and self.runtime.server.node else None
+        own = self.swarm.serving.own_peer_id()
         labels = [r.peer_id[-8:] + (" (you)" if r.peer_id == own else "") for r in records]
         n = swarm_map.num_blocks
         z = [[(r.throughput if r.start <= b < r.end and r.state.value == "online" else
@@ -307,7 +308,7 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
         chain_y: list[Any] = [pos[h][1] for h in hops]
         annotations = []
         by_id = {r.peer_id: r for r in records}
-        client_pings = self.runtime.client_pings()
+        client_pings = self.swarm.connection.client_pings()
         for a, b in zip(hops, hops[1:]):
             if a in by_id and b in by_id:  # server -> server: the server's published ping
                 rtt = by_id[a].next_pings.get(b)
@@ -318,7 +319,7 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
                 annotations.append({"x": (pos[a][0] + pos[b][0]) / 2, "y": (pos[a][1] + pos[b][1]) / 2,
                                     "text": label, "showarrow": False, "bgcolor": "white", "opacity": 0.9,
                                     "font": {"size": 11, "color": ORANGE}})
-        result = self.runtime.last_result
+        result = self.swarm.generation.last_result
         if result is not None and result.tokens > 1 and chain:
             annotations.append({"x": -2.5, "y": -0.45, "xanchor": "left", "showarrow": False, "font": {"size": 11},
                                 "text": f"last request: {1000 * result.seconds_per_token:.1f} ms per token "
@@ -349,10 +350,10 @@ class ServePanel(widgets.VBox, _Refresher):
 
     period = 1.0
 
-    def __init__(self, runtime: SwarmRuntime | None = None, **kwargs: Any):
-        from jupyter_swarm.notebook.runtime import gpu_available
+    def __init__(self, swarm: KernelSwarm | None = None, **kwargs: Any):
+        from jupyter_swarm.notebook.serving import gpu_available
 
-        self.runtime = runtime or get_runtime()
+        self.swarm = swarm or get_kernel_swarm()
         label = "Contribute this GPU" if gpu_available() else "Contribute this machine"
         self.serve_button = widgets.Button(description=label, button_style="success", icon="share-alt",
                                            layout=widgets.Layout(width="auto"))
@@ -375,7 +376,7 @@ class ServePanel(widgets.VBox, _Refresher):
 
     def start(self, blocks: str = "auto") -> None:
         try:
-            self.runtime.serve(blocks)
+            self.swarm.serve(blocks)
         except Exception as e:  # noqa: BLE001 - shown in the panel
             self.status.value = f"<span style='color:{RED}'>{html.escape(str(e))}</span>"
             return
@@ -383,10 +384,10 @@ class ServePanel(widgets.VBox, _Refresher):
 
     def stop(self) -> None:
         self.stop_button.disabled = True
-        threading.Thread(target=self.runtime.stop_serving, daemon=True).start()
+        threading.Thread(target=self.swarm.stop_serving, daemon=True).start()
 
     def refresh(self) -> None:
-        s = self.runtime.serve_stats()
+        s = self.swarm.serving.stats()
         state = s["state"]
         busy = state in ("starting", "serving", "stopping")
         self.serve_button.disabled = busy
@@ -405,7 +406,7 @@ class ServePanel(widgets.VBox, _Refresher):
             self.status.value = f"<span style='color:{RED}'>could not serve: {html.escape(str(s['error']))}</span>"
         else:
             self.status.value = (f"<span style='color:{GREY}'>not serving</span>"
-                                 + ("" if self.runtime.connected else " (connect to a swarm first)"))
+                                 + ("" if self.swarm.connected else " (connect to a swarm first)"))
         if "requests" in s or "weights_bytes" in s:
             cache = (f"{_mib(s.get('cache_used_bytes'))} of {_mib(s.get('cache_total_bytes'))}"
                      if "cache_total_bytes" in s else "-")

@@ -27,6 +27,8 @@ from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.runtime.adapters import ServedAdapters
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
+from jupyter_swarm.runtime.server_status import (SERVED_COUNTERS, SERVING, STARTING_STAGES, STOPPED, ServerStatus,
+                                                 stage_step)
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.runtime.service import SpanService
 from jupyter_swarm.runtime.bandwidth import measure_bandwidth_to_any, serve_speedtest
@@ -172,6 +174,7 @@ class BlockServer:
         self.moving_to: int | None = None
         self.pings = PingAggregator()
         self._stop = threading.Event()
+        self.stage = STARTING_STAGES[0]
         self._throughput = config.throughput or 1.0
         self._rates = ThroughputInfo(self._throughput, self._throughput, float("inf"))
 
@@ -196,17 +199,21 @@ class BlockServer:
             self.store = RecordStore(self.node)
             self.node.set_handler(SPEEDTEST, serve_speedtest)
             self._join(cfg.initial_peers)
+            self._enter_stage(STARTING_STAGES[1])
             if self.auto:
                 self.start_block, self.end_block = self.node.call(self._choose_span)
             self.node.spawn_from_thread(self._announce_loop)
+            self._enter_stage(STARTING_STAGES[2])
             self.span = BlockSpan.load(cfg.model, self.start_block, self.end_block, dtype=cfg.dtype,
                                        device=cfg.device, quant_type=self.quant_type)
             self.service = self._make_service(self.span)
+            self._enter_stage(STARTING_STAGES[3])
             self._set_rates(self.span)
             self.node.set_handler(RPC, self._handle_rpc)
             self.node.set_handler(INFERENCE, self._handle_inference)
             self.node.set_handler(PUSH, self._handle_push)
             self.state = ServerState.ONLINE
+            self.stage = SERVING
             self.node.call(self._announce_once)
             self.node.spawn_from_thread(self._ping_loop)
             if self.auto and cfg.balance_period > 0:
@@ -216,6 +223,24 @@ class BlockServer:
             raise
         logger.info("serving blocks %d:%d of %s as %s", self.start_block, self.end_block, self.prefix, self.addrs)
         return self
+
+    def _enter_stage(self, stage: str) -> None:
+        self.stage = stage
+        logger.info("%s", stage)
+
+    def status(self) -> ServerStatus:
+        """What this server is doing now: its stage, span, requests served, cache use (safe from any thread)."""
+        node, span, service = self.node, self.span, self.service
+        served: dict[str, int] = {} if service is None else {
+            "cache_used_bytes": service.budget.used_bytes, "cache_total_bytes": service.budget.total_bytes,
+            **{name: getattr(service.stats, name) for name in SERVED_COUNTERS}}
+        return ServerStatus(
+            stage=self.stage, step=stage_step(self.stage), peer_id=node.peer_id if node else None,
+            addrs=list(node.addrs) if node else [], start_block=self.start_block, end_block=self.end_block,
+            num_blocks=getattr(self, "num_blocks", None), quant_type=self.quant_type.value,
+            dtype=str(span.dtype).removeprefix("torch.") if span is not None else None,
+            weights_bytes=sum(p.numel() * p.element_size() for p in span.parameters()) if span is not None else 0,
+            throughput=float(self._throughput), moves=self.moves, **served)
 
     def prepare(self) -> None:
         """Read the model's config and check the options against it, choosing the quant type (no network yet)."""
@@ -451,6 +476,7 @@ class BlockServer:
         """Announce 'offline', close every session and the host. Idempotent."""
         self._stop.set()
         node, self.node = self.node, None
+        self.stage = STOPPED
         if node is None:
             return
         self.state = ServerState.OFFLINE

@@ -1,10 +1,10 @@
-"""jupyter-server extension: the swarm state that kernels' swarm runtimes publish, under ``/swarm/``.
+"""jupyter-server extension: the swarm state that kernels publish, under ``/swarm/``.
 
     GET  /swarm/state   {"kernels": [state, ...]}: every live kernel connected to a swarm or serving blocks
     POST /swarm/serve   {"action": "start" | "stop", "pid": optional kernel pid, "blocks": "auto" | "A:B"}
 
 Handlers are Jupyter ``APIHandler``s: the same token/cookie authentication and XSRF rules as every Jupyter API.
-The extension only reads what the kernel-side runtime writes (``jupyter_swarm.notebook.state``) and leaves
+The extension only reads what each kernel's swarm publishes (``jupyter_swarm.notebook.state``) and leaves
 requests for it; it never talks to the swarm itself.
 """
 

@@ -28,7 +28,7 @@ class SwarmHandler(APIHandler):
 
 
 class StateHandler(SwarmHandler):
-    """What every live kernel's swarm runtime knows: model, coverage, servers, this kernel's serving."""
+    """What every live kernel's swarm knows: model, coverage, servers, this kernel's serving."""
 
     @tornado.web.authenticated
     @authorized
