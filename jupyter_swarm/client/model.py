@@ -27,7 +27,7 @@ from jupyter_swarm.models import ClientHead, load_model_config
 from jupyter_swarm.p2p.identity import load_or_create_identity
 from jupyter_swarm.p2p.swarm_key import SwarmKey
 from jupyter_swarm.wire.protocols import MAX_BATCH_TOKENS
-from jupyter_swarm.wire.tensors import Compression
+from jupyter_swarm.wire.tensors import Compression, parse_compression
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.head = head
         self.tuning = tuning
         self.swarm = swarm
-        self.compression = compression
         self.remote_blocks = RemoteBlocks(swarm, compression)
         self.max_chunk_tokens = MAX_BATCH_TOKENS  # larger batches go as concurrent chunks of rows (client/batching.py)
         self.active_session: InferenceSession | None = None
@@ -87,11 +86,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         config = load_model_config(model)
         head = ClientHead.load(model, dtype=dtype)
         tuning = make_prompt_tuning(tuning_mode, pre_seq_len, head)
-        try:
-            comp = Compression(compression)
-        except ValueError:
-            raise ConfigurationError(f"compression must be one of {[c.value for c in Compression]}, "
-                                     f"got {compression!r}") from None
+        comp = parse_compression(compression)
         swarm = SwarmClient(model_prefix or default_model_prefix(model), head.num_blocks, list(initial_peers),
                             wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
                             allowed_servers=allowed_servers, blocked_servers=blocked_servers,
@@ -121,15 +116,31 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ConfigurationError(f"active_adapter must be an adapter name or None, got {name!r}")
         self.swarm.active_adapter = name
 
+    @property
+    def compression(self) -> Compression:
+        """How hidden states, prompts and gradients travel to and from servers: ``none``, ``float16``,
+        ``bfloat16`` or ``blockwise8`` (8-bit; see :mod:`jupyter_swarm.wire.tensors`). Settable; inference
+        sessions take it as their default."""
+        return self.remote_blocks.compression
+
+    @compression.setter
+    def compression(self, value: Compression | str) -> None:
+        self.remote_blocks.compression = parse_compression(value)
+
     # ---- sessions ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def inference_session(self, max_length: int = DEFAULT_MAX_LENGTH) -> Iterator[InferenceSession]:
-        """A server-side session that several ``generate()`` calls (or manual steps) share."""
+    def inference_session(self, max_length: int = DEFAULT_MAX_LENGTH,
+                          compression: Compression | str | None = None) -> Iterator[InferenceSession]:
+        """A server-side session that several ``generate()`` calls (or manual steps) share.
+
+        ``compression``: of this session's hidden states on the wire (default: :attr:`compression`).
+        """
         if self.active_session is not None:
             raise ConfigurationError("an inference session is already open on this model; close it first")
         if self.tuning is not None:
             max_length += self.tuning.pre_seq_len  # the prompts take the session's first positions
-        session = InferenceSession(self.swarm, max_length=max_length, compression=self.compression)
+        compression = self.compression if compression is None else parse_compression(compression)
+        session = InferenceSession(self.swarm, max_length=max_length, compression=compression)
         self.active_session = session
         try:
             yield session

@@ -15,19 +15,18 @@ local model can be quantized exactly the same way (the tests and benchmarks comp
 
 from __future__ import annotations
 
-import logging
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
-from jupyter_swarm.errors import ConfigurationError, MissingDependencyError, UnsupportedQuantTypeError
+from jupyter_swarm.bnb import import_bitsandbytes as _import_bitsandbytes
+from jupyter_swarm.errors import ConfigurationError, UnsupportedQuantTypeError
 
 INT8_THRESHOLD = 6.0
 BLOCKSIZE_4BIT = 64
 DOUBLE_QUANT = True
-INSTALL_HINT = 'pip install "bitsandbytes>=0.45" (jupyter-swarm depends on it; reinstalling jupyter-swarm also works)'
 
 
 class QuantType(str, Enum):
@@ -57,34 +56,9 @@ def parse_quant_type(value: QuantType | str) -> QuantType:
             f"unknown quant type {value!r}; choose one of {', '.join(QUANT_TYPE_NAMES)}") from None
 
 
-def import_bitsandbytes(quant_type: QuantType | str = "") -> Any:
-    """The ``bitsandbytes`` module, with its per-call and import-time notices that do not concern us silenced.
-
-    Raises:
-        MissingDependencyError: bitsandbytes is not installed (the message says how to install it).
-    """
-    for name in _QUIET:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotices) for f in logger.filters):
-            logger.addFilter(_DropNotices())
-    try:
-        import bitsandbytes
-    except ImportError as e:
-        what = f"quant type {QuantType(quant_type).value}" if quant_type else "this feature"
-        raise MissingDependencyError(
-            f"{what} needs bitsandbytes, which is not installed ({e}); install it with: {INSTALL_HINT}") from None
-    return bitsandbytes
-
-
-# bitsandbytes logs a warning on every int8 forward (inputs are cast to float16, as LLM.int8() intends), and at
-# import on CPUs with AVX512-BF16 that an optional hub kernel is missing (it falls back to its own kernel).
-_QUIET = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
-
-
-class _DropNotices(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not message.startswith(("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit_forward"))
+def import_bitsandbytes(quant_type: QuantType | str) -> Any:
+    """The ``bitsandbytes`` module, or :class:`MissingDependencyError` naming ``quant_type`` and how to install it."""
+    return _import_bitsandbytes(f"quant type {QuantType(quant_type).value}")
 
 
 def quantize_block(block: nn.Module, quant_type: QuantType, *, device: torch.device | str,

@@ -1,6 +1,7 @@
 """Quantized servers (bitsandbytes nf4 and int8) in a real swarm compute what transformers' own model computes when
 quantized the same way: logits, generated tokens, prompt gradients, server-hosted LoRA adapters; clients route by
-the quant types they allow, and `status` shows each server's."""
+the quant types they allow, and `status` shows each server's. Each inference session picks how its activations
+travel (none, float16, bfloat16, 8-bit blockwise)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from jupyter_swarm.client.status import format_status, read_swarm_status
 from jupyter_swarm.errors import MissingBlocksError
 from jupyter_swarm.local_swarm import LocalSwarm
 from jupyter_swarm.models.quantization import load_reference_model
+from jupyter_swarm.wire.tensors import Compression
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.finetune_reference import LocalPrompts, causal_lm_loss
 
@@ -116,3 +118,26 @@ def test_no_server_of_an_allowed_quant_type_is_a_clear_error_and_status_shows_qu
     table = format_status(status)
     for peer, quant_type in quant_types.items():
         assert f"{peer}  blocks" in table and f"float32 {quant_type}" in table.split(peer)[1].splitlines()[0]
+
+
+def test_each_session_chooses_how_its_activations_travel(quant_swarm, connect):
+    """Relayed steps through the two nf4 servers: every hop's error grows with the compression's, none is exact."""
+    path, swarm, _, _ = quant_swarm
+    model = connect(path, swarm, allowed_quant_types=["nf4"])
+    steps = [model.head.embed(ids) for ids in (torch.tensor([[1, 17, 42, 99, 7]]), torch.tensor([[230]]))]
+    outputs = {}
+    for compression in Compression:
+        with model.inference_session(max_length=8, compression=compression.value) as session:
+            outputs[compression] = torch.cat([session.step(hidden) for hidden in steps], dim=1)
+            assert session.compression == compression and len(session.routes) == 2
+    assert model.compression == Compression.NONE  # a session's choice is its own
+    exact = outputs[Compression.NONE]
+    errors = {c: float((out - exact).norm() / exact.norm()) for c, out in outputs.items()}
+    assert errors[Compression.NONE] == 0.0
+    assert 0 < errors[Compression.FLOAT16] < errors[Compression.BFLOAT16] < errors[Compression.BLOCKWISE_8BIT] < 0.05
+    batch = _batch(4)
+    with torch.no_grad():
+        plain = model(batch).logits
+        model.compression = "bfloat16"  # forward and backward requests: the model's setting
+        squeezed = model(batch).logits
+    assert 0 < (squeezed - plain).abs().max() < 0.05 * plain.abs().max()
