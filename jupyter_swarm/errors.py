@@ -28,6 +28,10 @@ class ProtocolError(SwarmError):
     """A peer sent a message that is not valid for the protocol."""
 
 
+class InvalidRequestError(ProtocolError):
+    """A request does not fit the server (a tensor's shape, dtype, size or values; a field out of range)."""
+
+
 class RemoteError(SwarmError):
     """A server answered a request with an error; the message is the server's explanation.
 
@@ -38,6 +42,11 @@ class RemoteError(SwarmError):
     def __init__(self, message: str, *, invalid_request: bool = False):
         super().__init__(message)
         self.invalid_request = invalid_request
+
+
+class SessionEvictedError(RemoteError):
+    """The server freed an idle inference session's cache to make room (memory pressure); the client replays the
+    session's inputs, to that server or another, and carries on."""
 
 
 class PeerUnavailableError(SwarmError, ConnectionError):

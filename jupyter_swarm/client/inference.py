@@ -24,15 +24,15 @@ from jupyter_swarm.client.routing import SpanRoute
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.p2p.framing import FramedStream
-from jupyter_swarm.wire.messages import field as message_field
-from jupyter_swarm.wire.messages import pack, unpack
-from jupyter_swarm.wire.protocols import INFERENCE
-from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
+from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
+from jupyter_swarm.wire.messages import decode
+from jupyter_swarm.wire.protocols import INFERENCE, MAX_RELAY_SPANS, RELAY_MAX_TOKENS
+from jupyter_swarm.wire.tensor_fields import WireTensor
+from jupyter_swarm.wire.tensors import Compression
 
 logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8
-RELAY_MAX_TOKENS = 64  # batch x new tokens of a relayed step; bigger steps go server by server (less to carry)
 
 
 class SessionLengthError(ConfigurationError):
@@ -153,21 +153,24 @@ class InferenceSession:
 
     async def _send_step(self, span: _SpanSession, hidden: torch.Tensor, beam_idx: torch.Tensor | None,
                          prompts: torch.Tensor | None) -> torch.Tensor:
-        message: dict[str, Any] = {"type": "step", "hidden": encode_tensor(hidden, self.compression),
-                                   "position": self.position, "compression": self.compression.value}
+        step = self._step_message(hidden)
         if beam_idx is not None:
-            message["beam_idx"] = encode_tensor(beam_idx.to(torch.int64))
+            step.beam_idx = WireTensor.encode(beam_idx.to(torch.int64))
         if prompts is not None:
-            message["prompts"] = encode_tensor(prompts, self.compression)
+            step.prompts = WireTensor.encode(prompts, self.compression)
         try:
             with trio.fail_after(self.step_timeout):
                 if span.failure is not None:
                     raise span.failure
-                await span.stream.send(pack(message))
-                reply = unpack(await self._recv(span), "output")
+                await span.stream.send(step.encode())
+                reply = decode(await self._recv(span), Output, shape=tuple(hidden.shape))
         except trio.TooSlowError:
             raise PeerUnavailableError(f"server {span.route.peer_id} did not answer within {self.step_timeout:g} s")
-        return decode_tensor(message_field(reply, "hidden", dict)).to(hidden.dtype)
+        return reply.hidden.decode().to(hidden.dtype)
+
+    def _step_message(self, hidden: torch.Tensor, *, push: bool = False) -> Step:
+        """The step message for new tokens' hidden states at the session's position."""
+        return Step(WireTensor.encode(hidden, self.compression), self.position, self.compression, push=push)
 
     async def _recv(self, span: _SpanSession) -> bytes:
         """The next reply of ``span`` (from its stream, or from the shared inbox when relaying)."""
@@ -204,15 +207,14 @@ class InferenceSession:
         way relaying is off for the rest of the session.
         """
         spans = list(self._spans)
-        message = {"type": "step", "hidden": encode_tensor(hidden, self.compression), "position": self.position,
-                   "compression": self.compression.value, "push": True}
+        message = self._step_message(hidden, push=True).encode()
         source = spans[-1]
         try:
             with trio.fail_after(self.step_timeout):
                 source = spans[0]
                 if source.failure is not None:
                     raise source.failure
-                await source.stream.send(pack(message))
+                await source.stream.send(message)
                 source = spans[-1]  # blamed if nobody answers in time
                 while True:
                     sender, item = await self._replies.receive()
@@ -222,12 +224,12 @@ class InferenceSession:
                 if isinstance(item, Exception):
                     raise item
                 index = spans.index(source)
-                reply = unpack(item, "output")
-                output = decode_tensor(message_field(reply, "hidden", dict)).to(hidden.dtype)
-                carry = [decode_tensor(c).to(hidden.dtype) for c in message_field(reply, "carry", list)]
-                if len(carry) != index or any(c.shape != hidden.shape for c in carry) or output.shape != hidden.shape:
+                reply = decode(item, Output, shape=tuple(hidden.shape))
+                if reply.carry is None or len(reply.carry) != index:
                     raise ProtocolError(f"server {source.route.peer_id} answered a relayed step with "
-                                        f"{len(carry)} carried inputs (expected {index}) or wrong shapes")
+                                        f"{len(reply.carry or [])} carried inputs (expected {index})")
+                output = reply.hidden.decode().to(hidden.dtype)
+                carry = [c.decode().to(hidden.dtype) for c in reply.carry]
         except (SwarmError, trio.TooSlowError) as e:
             if isinstance(e, RemoteError) and e.invalid_request and source is spans[0]:
                 raise  # the client's own step is bad; any server would refuse it
@@ -255,12 +257,10 @@ class InferenceSession:
         stream = await self.swarm.node.open_stream(route.peer_id, INFERENCE)
         try:
             with trio.fail_after(self.step_timeout):
-                opening = {"type": "open", "max_length": self.max_length, "batch_size": self.batch_size,
-                           "start": route.start, "end": route.end, **(link or {})}
-                if self.active_adapter is not None:
-                    opening["active_adapter"] = self.active_adapter
-                await stream.send(pack(opening))
-                unpack(await stream.recv(), "opened")
+                opening = Open(self.max_length, self.batch_size or 1, route.start, route.end, self.active_adapter,
+                               **(link or {}))
+                await stream.send(opening.encode())
+                decode(await stream.recv(), Opened)
         except BaseException as e:
             await stream.reset()
             if isinstance(e, trio.TooSlowError):
@@ -279,7 +279,7 @@ class InferenceSession:
             opened: list[_SpanSession] = []
             current = chain[0]
             # relaying: only for a whole new chain (a replacement would need its neighbours re-linked)
-            relay = self.swarm.push and not self._spans and replay is None and len(chain) > 1
+            relay = self.swarm.push and not self._spans and replay is None and 1 < len(chain) <= MAX_RELAY_SPANS
             if relay and self._replies is None:
                 self._replies_in, self._replies = trio.open_memory_channel[Any](math.inf)
             links = _relay_links(chain) if relay else [None] * len(chain)
@@ -338,15 +338,14 @@ class InferenceSession:
 
 
 def _relay_links(chain: list[SpanRoute]) -> list[dict[str, Any]]:
-    """The relay fields of each span's ``open`` message: its own session id, the next span to push to, and the
+    """The relay fields of each span's :class:`Open` message: its own session id, the next span to push to, and the
     previous server, the only peer whose pushes it takes."""
     ids = [secrets.token_hex(8) for _ in chain]
     links: list[dict[str, Any]] = []
     for k, route in enumerate(chain):
         link: dict[str, Any] = {"session_id": ids[k]}
         if k + 1 < len(chain):
-            link["push_to"] = {"peer_id": chain[k + 1].peer_id, "session_id": ids[k + 1],
-                               "addrs": list(chain[k + 1].addrs)}
+            link["push_to"] = PushTarget(chain[k + 1].peer_id, ids[k + 1], list(chain[k + 1].addrs))
         if k > 0:
             link["accept_from"] = chain[k - 1].peer_id
         links.append(link)

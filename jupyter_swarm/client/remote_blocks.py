@@ -8,17 +8,19 @@ span is recomputed on other servers (forward to rebuild intermediate inputs, the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from jupyter_swarm.client.routing import SpanRoute
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.errors import PeerUnavailableError, RemoteError
-from jupyter_swarm.wire.messages import field as message_field
-from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
+from jupyter_swarm.wire.rpc import Backward, BackwardResult, Forward, ForwardResult
+from jupyter_swarm.wire.tensor_fields import WireTensor
+from jupyter_swarm.wire.tensors import Compression
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M")
 
 MAX_ATTEMPTS = 8
 
@@ -47,7 +49,7 @@ class RemoteBlocks:
         while block < end:
             route = (await self.swarm.route(block, end, purpose="forward"))[0]
             try:
-                out = await self._call(route, "forward", hidden, _slice(prompts, route))
+                out = await self._forward(route, hidden, _slice(prompts, route))
             except (PeerUnavailableError, RemoteError) as e:
                 attempts = self._failed(route, e, attempts)
                 continue
@@ -71,10 +73,14 @@ class RemoteBlocks:
         attempts = 0
         while True:
             try:
-                reply = await self._request(route, "backward", inputs, _slice(prompts, route), grad_output=grad)
-                grad_hidden = decode_tensor(message_field(reply, "grad_hidden", dict)).to(grad.dtype)
-                raw = message_field(reply, "grad_prompts", dict, None)
-                return grad_hidden, (decode_tensor(raw).to(grad.dtype) if raw is not None else None)
+                span_prompts = _slice(prompts, route)
+                request = Backward(*self._request_fields(route, inputs, span_prompts),
+                                   grad_output=WireTensor.encode(grad, self.compression))
+                reply = await self._ask(route, request, BackwardResult, shape=tuple(inputs.shape),
+                                        prompts_shape=None if span_prompts is None else tuple(span_prompts.shape))
+                grad_hidden = reply.grad_hidden.decode().to(grad.dtype)
+                grad_prompts = None if reply.grad_prompts is None else reply.grad_prompts.decode().to(grad.dtype)
+                return grad_hidden, grad_prompts
             except (PeerUnavailableError, RemoteError) as e:
                 attempts = self._failed(route, e, attempts)
             # The server is gone: redo this span on others (forward for the inner inputs, then backward).
@@ -87,21 +93,18 @@ class RemoteBlocks:
             except (PeerUnavailableError, RemoteError) as e:
                 attempts = self._failed(route, e, attempts)
 
-    async def _call(self, route: SpanRoute, kind: str, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-        reply = await self._request(route, kind, hidden, prompts)
-        return decode_tensor(message_field(reply, "hidden", dict)).to(hidden.dtype)
+    async def _forward(self, route: SpanRoute, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        reply = await self._ask(route, Forward(*self._request_fields(route, hidden, prompts)), ForwardResult,
+                                shape=tuple(hidden.shape))
+        return reply.hidden.decode().to(hidden.dtype)
 
-    async def _request(self, route: SpanRoute, kind: str, hidden: torch.Tensor, prompts: torch.Tensor | None,
-                       grad_output: torch.Tensor | None = None) -> dict[str, Any]:
-        message: dict[str, Any] = {"type": kind, "hidden": encode_tensor(hidden, self.compression),
-                                   "compression": self.compression.value, "start": route.start, "end": route.end}
-        if self.swarm.active_adapter is not None:
-            message["active_adapter"] = self.swarm.active_adapter
-        if prompts is not None:
-            message["prompts"] = encode_tensor(prompts, self.compression)
-        if grad_output is not None:
-            message["grad_output"] = encode_tensor(grad_output, self.compression)
-        reply = await self.swarm.rpc(route.peer_id, message, f"{kind}_result")
+    def _request_fields(self, route: SpanRoute, hidden: torch.Tensor, prompts: torch.Tensor | None) -> tuple:
+        """The fields of a forward or backward request for ``route`` (in :class:`Forward`'s order)."""
+        return (WireTensor.encode(hidden, self.compression), route.start, route.end, self.compression,
+                self.swarm.active_adapter, None if prompts is None else WireTensor.encode(prompts, self.compression))
+
+    async def _ask(self, route: SpanRoute, request: Forward, reply_kind: type[M], **context: Any) -> M:
+        reply = await self.swarm.rpc(route.peer_id, request, reply_kind, **context)
         self.swarm.bans.succeeded(route.peer_id)
         return reply
 

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TypeVar
 
 import trio
 from libp2p.crypto.keys import KeyPair
@@ -21,10 +21,11 @@ from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
-from jupyter_swarm.wire.messages import pack, unpack
+from jupyter_swarm.wire.messages import Message, decode
 from jupyter_swarm.wire.protocols import RPC
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 REQUEST_TIMEOUT = 180.0
 MAX_PINGED = 32  # servers pinged per refresh (the rest count as DEFAULT_RTT until pinged)
@@ -180,13 +181,14 @@ class SwarmClient:
             self.node.spawn(ping_stale)
 
     # ---- requests to servers ---------------------------------------------------------------------------
-    async def rpc(self, peer_id: str, message: dict[str, Any], expected: str) -> dict[str, Any]:
-        """Send a forward/backward/info request to a server over a pooled stream and return its reply."""
+    async def rpc(self, peer_id: str, request: Message, reply_kind: type[M], **context: object) -> M:
+        """Send a forward/backward/info request to a server over a pooled stream and return its reply (read with
+        ``context``: the shapes the reply's tensors must have)."""
         pool = self._rpc_pool.setdefault(peer_id, [])
         stream = pool.pop() if pool else await self.node.open_stream(peer_id, RPC)
         try:
             with trio.fail_after(self.request_timeout):
-                await stream.send(pack(message))
+                await stream.send(request.encode())
                 reply = await stream.recv()
         except trio.TooSlowError:
             await stream.reset()
@@ -195,7 +197,7 @@ class SwarmClient:
             await stream.reset()
             raise
         pool.append(stream)
-        return unpack(reply, expected)
+        return decode(reply, reply_kind, **context)
 
     def close(self) -> None:
         """Close every stream and the libp2p host."""

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import trio
 from libp2p.peer.id import ID
@@ -30,14 +29,16 @@ from jupyter_swarm.dht.signed_records import MAX_TTL, SignedRecord, sign_record,
 from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
-from jupyter_swarm.wire.messages import error_message, field, pack, unpack
+from jupyter_swarm.wire.messages import Message, decode, decode_any, error_message
+from jupyter_swarm.wire.protocols import RECORDS, RECORDS_MAX_REPLY_BYTES, RECORDS_MAX_REQUEST_BYTES
+from jupyter_swarm.wire.records import MAX_KEYS_PER_GET, MAX_KEYS_PER_STORE, Found, Get, Store, Stored
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
-PROTOCOL = "/jupyter-swarm/records/1.0.0"
+PROTOCOL = RECORDS
 REPLICAS = 5
-MAX_VALUE_BYTES = 64 * 1024
-MAX_KEYS_PER_GET = 4096
+STORE_BATCH_BYTES = RECORDS_MAX_REQUEST_BYTES // 2  # values per store request, leaving room for keys and framing
 REQUEST_TIMEOUT = 5.0
 FAILED_PEER_SECONDS = 30.0
 
@@ -113,7 +114,7 @@ class RecordStore:
                 except ProtocolError as e:
                     logger.debug("could not store records here: %r", e)
                     return
-            elif await self._ask(peer, {"type": "store", "values": batch, "ttl": ttl}, "stored") is None:
+            elif not all([await self._ask(peer, Store(part, ttl), Stored) for part in _store_batches(batch)]):
                 return
             for key in batch:
                 stored[key] += 1
@@ -141,13 +142,13 @@ class RecordStore:
                 for key in peer_keys:
                     merge(key, self.local.get(key))
                 return
-            found = await self._ask(peer, {"type": "get", "keys": peer_keys}, "found",
-                                    read=lambda reply: field(reply, "records", dict))
-            for key, entries in (found or {}).items():
-                if key in verified and isinstance(entries, dict):
-                    merge(key, {str(s): (bytes(v[0]), float(v[1])) for s, v in entries.items()
-                                if isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes)
-                                and isinstance(v[1], (int, float))})
+            for start in range(0, len(peer_keys), MAX_KEYS_PER_GET):
+                part = peer_keys[start:start + MAX_KEYS_PER_GET]
+                found = await self._ask(peer, Get(part), Found, keys=part)
+                if found is None:
+                    return
+                for key, entries in found.records.items():
+                    merge(key, entries)
 
         async with trio.open_nursery() as nursery:
             for peer, peer_keys in self._group_by_replica(keys).items():
@@ -202,15 +203,15 @@ class RecordStore:
                 by_peer.setdefault(peer, []).append(key)
         return by_peer
 
-    async def _ask(self, peer: str, message: dict[str, Any], expected: str,
-                   read: Callable[[dict[str, Any]], Any] = lambda reply: reply) -> Any:
-        """One request to a replica, its reply passed through ``read``; None (and the peer set aside for a
-        while) when it does not answer, or answers nonsense."""
+    async def _ask(self, peer: str, request: Message, reply: type[M], **context: Any) -> M | None:
+        """One request to a replica and its reply; None (and the peer set aside for a while) when it does not
+        answer, or answers nonsense."""
         try:
-            reply = unpack(await self.node.request(peer, PROTOCOL, pack(message), REQUEST_TIMEOUT), expected)
-            result = read(reply)
+            payload = await self.node.request(peer, PROTOCOL, request.encode(), REQUEST_TIMEOUT,
+                                              max_reply_bytes=RECORDS_MAX_REPLY_BYTES)
+            result = decode(payload, reply, **context)
         except (SwarmError, trio.TooSlowError) as e:
-            logger.debug("replica %s failed a %s request: %r", peer, message["type"], e)
+            logger.debug("replica %s failed a %s request: %r", peer, request.TYPE, e)
             self._peer_failed(peer)
             return None
         self._answered.add(peer)
@@ -218,27 +219,31 @@ class RecordStore:
 
     # ---- server side --------------------------------------------------------------------------------
     async def _handle(self, stream: FramedStream) -> None:
+        stream.max_frame_bytes = RECORDS_MAX_REQUEST_BYTES
         try:
-            message = unpack(await stream.recv(), ("store", "get"))
-            if message["type"] == "store":
-                values = field(message, "values", dict)
-                ttl = field(message, "ttl", float)
-                if not (math.isfinite(ttl) and 0 < ttl):  # a NaN would never expire (min/max pass NaN through)
-                    raise ProtocolError(f"'ttl' must be a positive finite number of seconds, got {ttl!r}")
-                ttl = min(ttl, MAX_TTL)
-                for key, value in values.items():
-                    if not isinstance(key, str) or not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
-                        raise ProtocolError(f"record values must be bytes of at most {MAX_VALUE_BYTES} bytes")
-                self._accept(values, stream.remote_peer, ttl)
-                await stream.send(pack({"type": "stored"}))
+            request = decode_any(await stream.recv(), (Store, Get))
+            if isinstance(request, Store):
+                self._accept(request.values, stream.remote_peer, min(request.ttl, MAX_TTL))
+                await stream.send(Stored().encode())
             else:
-                keys = field(message, "keys", list)
-                if len(keys) > MAX_KEYS_PER_GET or not all(isinstance(k, str) for k in keys):
-                    raise ProtocolError(f"'keys' must be at most {MAX_KEYS_PER_GET} strings")
-                records = {k: {s: [v, ttl] for s, (v, ttl) in self.local.get(k).items()} for k in keys}
-                await stream.send(pack({"type": "found", "records": records}))
+                assert isinstance(request, Get)
+                await stream.send(Found({k: self.local.get(k) for k in request.keys}).encode())
         except (ProtocolError, RemoteError) as e:
-            await stream.send(error_message(f"bad records request: {e}"))
+            await stream.send(error_message(f"bad records request: {e}", invalid_request=True))
+
+
+def _store_batches(values: dict[str, bytes]) -> Iterator[dict[str, bytes]]:
+    """Split one replica's values into store requests that each fit a records frame."""
+    part: dict[str, bytes] = {}
+    size = 0
+    for key, value in values.items():
+        if part and (len(part) >= MAX_KEYS_PER_STORE or size + len(value) > STORE_BATCH_BYTES):
+            yield part
+            part, size = {}, 0
+        part[key] = value
+        size += len(value)
+    if part:
+        yield part
 
 
 __all__ = ["RecordStore", "LocalRecords", "PROTOCOL", "PeerUnavailableError"]

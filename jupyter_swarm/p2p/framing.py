@@ -13,13 +13,21 @@ from libp2p.exceptions import BaseLibp2pError
 
 from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, SwarmError
 
-DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024  # the cap; each protocol sets its own, smaller limit
 _HEADER_BYTES = 4
 _READ_CHUNK = 64 * 1024
 
 
+class FrameTooLargeError(ProtocolError):
+    """The peer announced a frame over this stream's limit; the stream cannot be read any further."""
+
+
 class FramedStream:
-    """A libp2p stream carrying whole messages (frames) rather than bytes."""
+    """A libp2p stream carrying whole messages (frames) rather than bytes.
+
+    ``max_frame_bytes`` bounds what the peer may send (each protocol sets its own); what we send is bounded only by
+    DEFAULT_MAX_FRAME_BYTES, since a reply may be larger than the request its protocol allows.
+    """
 
     def __init__(self, stream: INetStream, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self._stream = stream
@@ -29,8 +37,8 @@ class FramedStream:
 
     async def send(self, payload: bytes) -> None:
         """Write one frame."""
-        if len(payload) > self.max_frame_bytes:
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds the {self.max_frame_bytes}-byte limit")
+        if len(payload) > DEFAULT_MAX_FRAME_BYTES:
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds the {DEFAULT_MAX_FRAME_BYTES}-byte limit")
         try:
             await self._stream.write(len(payload).to_bytes(_HEADER_BYTES, "big") + payload)
         except (BaseLibp2pError, OSError, EOFError) as e:
@@ -41,23 +49,23 @@ class FramedStream:
         await self._fill(_HEADER_BYTES)
         size = int.from_bytes(self._buffer[:_HEADER_BYTES], "big")
         if size > self.max_frame_bytes:
-            raise ProtocolError(
+            raise FrameTooLargeError(
                 f"peer {self.remote_peer} announced a {size}-byte message, over the {self.max_frame_bytes}-byte limit")
         await self._fill(_HEADER_BYTES + size)
         payload = bytes(self._buffer[_HEADER_BYTES:_HEADER_BYTES + size])
         del self._buffer[:_HEADER_BYTES + size]
         return payload
 
-    async def recv_or_none(self) -> bytes | None:
-        """Read one frame, or None once the stream has ended, failed or sent an over-limit frame."""
-        try:
-            return await self.recv()
-        except SwarmError:
-            return None
-
     async def frames(self) -> AsyncIterator[bytes]:
-        """Every frame the peer sends, until the stream ends (a server's request loop)."""
-        while (payload := await self.recv_or_none()) is not None:
+        """Every frame the peer sends, until the stream ends (a server's request loop). An over-limit frame raises
+        :class:`FrameTooLargeError`, so the server can tell the peer why it stops reading."""
+        while True:
+            try:
+                payload = await self.recv()
+            except FrameTooLargeError:
+                raise
+            except SwarmError:
+                return
             yield payload
 
     async def _fill(self, size: int) -> None:

@@ -30,7 +30,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
-from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
 from jupyter_swarm.p2p.identity import new_identity
 from jupyter_swarm.p2p.security import SwarmSecurity, security_options
 from jupyter_swarm.p2p.swarm_key import SwarmKey
@@ -288,9 +288,11 @@ class P2PNode:
             raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {reason or repr(e)}") from e
         return FramedStream(raw)
 
-    async def request(self, peer_id: str, protocol: str, payload: bytes, timeout: float) -> bytes:
-        """Send one message on a new stream and return the one-message answer."""
+    async def request(self, peer_id: str, protocol: str, payload: bytes, timeout: float,
+                      max_reply_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+        """Send one message on a new stream and return the one-message answer (of at most ``max_reply_bytes``)."""
         stream = await self.open_stream(peer_id, protocol)
+        stream.max_frame_bytes = max_reply_bytes
         try:
             with trio.fail_after(timeout):
                 await stream.send(payload)

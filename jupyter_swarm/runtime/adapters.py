@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.errors import ConfigurationError, InvalidRequestError
 from jupyter_swarm.models import BlockSpan, ModelFamily
 
 #: the adapter of the request being computed (None: the plain blocks)
@@ -102,8 +102,6 @@ class ServedAdapters:
     def check(self, name: str | None) -> None:
         """Refuse a request for an adapter this server does not host."""
         if name is not None and name not in self.names:
-            from jupyter_swarm.runtime.validation import InvalidRequestError
-
             hosted = ", ".join(self.names) or "none"
             raise InvalidRequestError(f"adapter {name!r} is not served here (this server hosts: {hosted})")
 

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import trio
 
 from jupyter_swarm.errors import SwarmError
-from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.p2p.framing import FramedStream, FrameTooLargeError
 from jupyter_swarm.p2p.host import P2PNode
-from jupyter_swarm.wire.messages import pack, unpack
+from jupyter_swarm.wire.messages import decode, error_message
 from jupyter_swarm.wire.protocols import SPEEDTEST, SPEEDTEST_MAX_BYTES
+from jupyter_swarm.wire.speedtest import Received
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,11 @@ TIMEOUT = 20.0
 async def serve_speedtest(stream: FramedStream) -> None:
     """Acknowledge each payload (at most SPEEDTEST_MAX_BYTES) with its size."""
     stream.max_frame_bytes = SPEEDTEST_MAX_BYTES
-    async for payload in stream.frames():
-        await stream.send(pack({"type": "received", "bytes": len(payload)}))
+    try:
+        async for payload in stream.frames():
+            await stream.send(Received(len(payload)).encode())
+    except FrameTooLargeError as e:
+        await stream.send(error_message(str(e), invalid_request=True))
 
 
 async def measure_bandwidth(node: P2PNode, peer_id: str, payload_bytes: int = PAYLOAD_BYTES) -> float:
@@ -37,11 +41,11 @@ async def measure_bandwidth(node: P2PNode, peer_id: str, payload_bytes: int = PA
         with trio.fail_after(TIMEOUT):
             began = trio.current_time()
             await stream.send(b"x")
-            unpack(await stream.recv(), "received")
+            decode(await stream.recv(), Received)
             round_trip = trio.current_time() - began
             began = trio.current_time()
             await stream.send(bytes(payload_bytes))
-            unpack(await stream.recv(), "received")
+            decode(await stream.recv(), Received)
             elapsed = max(trio.current_time() - began - round_trip, 1e-6)
     finally:
         await stream.close()

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 import trio
 
-from jupyter_swarm.errors import ProtocolError, RemoteError, SwarmError
+from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.models import BlockSpan
-from jupyter_swarm.p2p.framing import FramedStream
+from jupyter_swarm.p2p.framing import FrameTooLargeError, FramedStream
 from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
-from jupyter_swarm.runtime.validation import InvalidRequestError, check_hidden, check_prompts
-from jupyter_swarm.wire.messages import error_message, field as message_field, pack, unpack
-from jupyter_swarm.wire.protocols import MAX_BATCH_SIZE
-from jupyter_swarm.wire.tensors import Compression, decode_tensor, encode_tensor
+from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
+from jupyter_swarm.wire.messages import decode, decode_any, error_message, unpack
+from jupyter_swarm.wire.rpc import Backward, BackwardResult, Forward, ForwardResult, Info, InfoResult
+from jupyter_swarm.wire.tensor_fields import SpanLimits, WireTensor
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ class BlocksNotServedError(InvalidRequestError):
     """The request names blocks this server does not hold (any more: it may have moved); another server may."""
 
 
-MAX_SESSION_ID_CHARS = 64
-MAX_CARRY = 64  # hidden states a relayed step may carry: one per server of the chain before this one
 INLINE_STEP_SECONDS = 0.02
 
 
@@ -74,20 +72,28 @@ class SpanService:
         self._compute = trio.CapacityLimiter(1)
         self._step_seconds_per_token: float | None = None  # measured; None until a first step ran
         self._views: dict[tuple[int, int], BlockSpan] = {}
+        self._limits: dict[tuple[int, int], SpanLimits] = {}
+        self.limits = self.limits_of(span)  # what requests to the whole span may hold
         # set by the server: opens a push stream to a peer (peer id, addresses) -> FramedStream
         self.open_push_stream: Any = None
         # sessions that take steps pushed by the previous server of their chain, by session id (a random token the
         # client gives each span of its chain) -- and only from that server
         self._push_inboxes: dict[str, _PushInbox] = {}
 
-    def view(self, message: dict[str, Any]) -> BlockSpan:
-        """The blocks a request asks for (``start``/``end``, default: the whole span), sharing the span's weights."""
-        start = message_field(message, "start", int, self.span.start)
-        end = message_field(message, "end", int, self.span.end)
+    def limits_of(self, span: BlockSpan) -> SpanLimits:
+        """The bounds of a request's tensors for ``span`` (the whole span or a view of it)."""
+        key = (span.start, span.end)
+        if key not in self._limits:
+            self._limits[key] = SpanLimits(hidden_size=span.hidden_size, dtype=span.dtype, start=span.start,
+                                           end=span.end)
+        return self._limits[key]
+
+    def view(self, start: int | None, end: int | None, adapter: str | None) -> BlockSpan:
+        """The blocks a request asks for (default: the whole span), sharing the span's weights."""
+        start, end = self.limits.blocks(start, end)
         if not self.span.start <= start < end <= self.span.end:
             raise BlocksNotServedError(
                 f"blocks {start}:{end} are not served here; this server holds blocks {self.span.start}:{self.span.end}")
-        adapter = message_field(message, "active_adapter", str, None)
         self.adapters.check(adapter)
         ACTIVE_ADAPTER.set(adapter)  # this request's (or session's) task; its compute thread sees it too
         if (start, end) not in self._views:
@@ -128,14 +134,18 @@ class SpanService:
     # ---- forward / backward ------------------------------------------------------------------------
     async def handle_rpc(self, stream: FramedStream) -> None:
         """Answer forward/backward/info requests on one stream until the client closes it."""
-        async for payload in stream.frames():
-            try:
-                message = unpack(payload, ("forward", "backward", "info"))
-            except SwarmError as e:
-                reply = self._refusal(e)
-            else:
-                reply = await self._answer("forward/backward", self._rpc, message)
-            await stream.send(reply)
+        stream.max_frame_bytes = self.limits.rpc_frame_bytes()
+        try:
+            async for payload in stream.frames():
+                try:
+                    request = decode_any(payload, (Forward, Backward, Info), limits=self.limits)
+                except SwarmError as e:
+                    reply = self._refusal(e)
+                else:
+                    reply = await self._answer("forward/backward", self._rpc, request)
+                await stream.send(reply)
+        except FrameTooLargeError as e:
+            await stream.send(self._refusal(e))
 
     def _refusal(self, error: SwarmError) -> bytes:
         """The error reply to a request the server refused or could not serve."""
@@ -153,41 +163,23 @@ class SpanService:
             self.stats.errors += 1
             return error_message(f"server error: {e!r}")
 
-    async def _rpc(self, message: dict[str, Any]) -> bytes:
-        kind = message["type"]
-        if kind == "info":
-            return pack({"type": "info", "start": self.span.start, "end": self.span.end,
-                         "dtype": str(self.span.dtype).removeprefix("torch."), "quant_type": self.span.quant_type.value,
-                         "cache_tokens_left": self.cache_tokens_left()})
-        span = self.view(message)
-        compression = _compression(message)
-        hidden = decode_tensor(message_field(message, "hidden", dict))
-        check_hidden(hidden, hidden_size=span.hidden_size, dtype=span.dtype)
-        prompts = self._prompts(message, hidden, span)
-        if kind == "forward":
+    async def _rpc(self, request: Forward | Backward | Info) -> bytes:
+        if isinstance(request, Info):
+            return InfoResult(self.span.start, self.span.end, str(self.span.dtype).removeprefix("torch."),
+                              self.span.quant_type.value, self.cache_tokens_left()).encode()
+        span = self.view(request.start, request.end, request.active_adapter)
+        hidden = request.hidden.decode("hidden states", finite=True)
+        prompts = _decoded(request.prompts, "prompts")
+        compression = request.compression
+        if not isinstance(request, Backward):
             self.stats.forward_requests += 1
             out = await self._run(self._forward, span, hidden, prompts)
-            return pack({"type": "forward_result", "hidden": encode_tensor(out, compression)})
-        grad_output = decode_tensor(message_field(message, "grad_output", dict))
-        if grad_output.shape != hidden.shape:
-            raise InvalidRequestError(
-                f"grad_output shape {list(grad_output.shape)} must equal the hidden states' {list(hidden.shape)}")
-        check_hidden(grad_output, hidden_size=self.span.hidden_size, dtype=self.span.dtype, name="grad_output")
+            return ForwardResult(WireTensor.encode(out, compression)).encode()
+        grad_output = _decoded(request.grad_output, "grad_output")
         self.stats.backward_requests += 1
         grad_hidden, grad_prompts = await self._run(self._backward, span, hidden, grad_output, prompts)
-        reply: dict[str, Any] = {"type": "backward_result", "grad_hidden": encode_tensor(grad_hidden, compression)}
-        if grad_prompts is not None:
-            reply["grad_prompts"] = encode_tensor(grad_prompts, compression)
-        return pack(reply)
-
-    def _prompts(self, message: dict[str, Any], hidden: torch.Tensor, span: BlockSpan) -> torch.Tensor | None:
-        raw = message_field(message, "prompts", dict, None)
-        if raw is None:
-            return None
-        prompts = decode_tensor(raw)
-        check_prompts(prompts, num_blocks=span.num_blocks, batch=hidden.shape[0], seq=hidden.shape[1],
-                      hidden_size=span.hidden_size, dtype=span.dtype)
-        return prompts
+        return BackwardResult(WireTensor.encode(grad_hidden, compression),
+                              None if grad_prompts is None else WireTensor.encode(grad_prompts, compression)).encode()
 
     @staticmethod
     def _forward(span: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
@@ -210,19 +202,16 @@ class SpanService:
     # ---- inference sessions -------------------------------------------------------------------------
     async def handle_inference(self, stream: FramedStream) -> None:
         """One inference session per stream: open, then steps, until the client closes or goes idle."""
+        stream.max_frame_bytes = self.limits.inference_frame_bytes()
         try:
             with trio.fail_after(self.step_timeout):
-                opening = unpack(await stream.recv(), "open")
-            max_length = message_field(opening, "max_length", int)
-            batch_size = message_field(opening, "batch_size", int)
-            if not 0 < max_length <= self.max_session_length:
+                opening = decode(await stream.recv(), Open)
+            if opening.max_length > self.max_session_length:
                 raise InvalidRequestError(
-                    f"max_length must be in 1..{self.max_session_length} on this server, got {max_length}")
-            if not 0 < batch_size <= MAX_BATCH_SIZE:
-                raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
-            span = self.view(opening)
+                    f"max_length must be in 1..{self.max_session_length} on this server, got {opening.max_length}")
+            span = self.view(opening.start, opening.end, opening.active_adapter)
             link = _relay_link(opening)
-            reservation = self.budget.reserve(span.cache_bytes(batch_size, max_length))
+            reservation = self.budget.reserve(span.cache_bytes(opening.batch_size, opening.max_length))
         except trio.TooSlowError:
             return
         except (ProtocolError, RemoteError, CacheFullError) as e:
@@ -232,42 +221,49 @@ class SpanService:
         self.stats.sessions_opened += 1
         self.stats.open_sessions += 1
         try:
-            cache = span.new_cache(batch_size, max_length)
-            await stream.send(pack({"type": "opened", "max_length": max_length}))
+            cache = span.new_cache(opening.batch_size, opening.max_length)
+            await stream.send(Opened(opening.max_length).encode())
+            session = _Session(span, self.limits_of(span), cache, opening.batch_size)
             if link is None:
-                await self._serve_session(stream, span, cache, batch_size)
+                await self._serve_session(stream, session)
             else:
-                await self._serve_relay_session(stream, span, cache, batch_size, link)
+                await self._serve_relay_session(stream, session, link)
         finally:
             self.stats.open_sessions -= 1
             reservation.release()
 
-    async def _serve_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
-                             receive: Any = None, push_to: dict[str, Any] | None = None) -> None:
+    async def _serve_session(self, stream: FramedStream, session: _Session, receive: Any = None,
+                             push_to: PushTarget | None = None) -> None:
+        """Answer a session's steps: from the client's stream, or (``receive``) from the client and pushes alike."""
         pusher = _Pusher(self, push_to) if push_to is not None else None
         while True:
             with trio.move_on_after(self.session_timeout) as idle:
-                payload = await (stream.recv_or_none() if receive is None else receive())
-                if payload is None:
+                try:
+                    item = await (stream.recv() if receive is None else receive())
+                except FrameTooLargeError as e:
+                    await stream.send(self._refusal(e))
+                    return
+                except SwarmError:
+                    item = None
+                if item is None:
                     return  # client closed the session (or died): free the cache
             if idle.cancelled_caught:
                 await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
                 return
             try:
-                message = unpack(payload, "step")
+                step = item if isinstance(item, Step) else decode(item, Step, limits=session.limits)
             except SwarmError as e:
-                message, reply = None, self._refusal(e)
+                reply = self._refusal(e)
             else:
-                reply = await self._answer("inference step", self._step, message, span, cache, batch_size, pusher)
+                reply = await self._answer("inference step", self._step, step, session, pusher)
             if reply is not None:  # None: the step went on to the next server, which will answer the client
                 await stream.send(reply)
 
-    async def _serve_relay_session(self, stream: FramedStream, span: BlockSpan, cache: Any, batch_size: int,
-                                   link: _RelayLink) -> None:
+    async def _serve_relay_session(self, stream: FramedStream, session: _Session, link: _RelayLink) -> None:
         """A session whose steps may also arrive from the previous server (``link.session_id``) and whose outputs
         may go on to the next one (``link.push_to``)."""
         if link.session_id is None:
-            await self._serve_session(stream, span, cache, batch_size, push_to=link.push_to)
+            await self._serve_session(stream, session, push_to=link.push_to)
             return
         if link.session_id in self._push_inboxes:
             await stream.send(error_message("session id already in use", invalid_request=True))
@@ -275,71 +271,77 @@ class SpanService:
         send, receive = trio.open_memory_channel[Any](16)
 
         async def from_client() -> None:
-            async for payload in stream.frames():
-                await send.send(payload)
+            try:
+                async for payload in stream.frames():
+                    await send.send(payload)
+            except FrameTooLargeError as e:
+                await stream.send(self._refusal(e))
             await send.send(None)  # the client is gone: end the session
 
-        self._push_inboxes[link.session_id] = _PushInbox(send, link.accept_from)
+        self._push_inboxes[link.session_id] = _PushInbox(send, link.accept_from, session.limits)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(from_client)
-                await self._serve_session(stream, span, cache, batch_size, receive=receive.receive,
-                                          push_to=link.push_to)
+                await self._serve_session(stream, session, receive=receive.receive, push_to=link.push_to)
                 nursery.cancel_scope.cancel()
         finally:
             self._push_inboxes.pop(link.session_id, None)
 
     async def handle_push(self, stream: FramedStream) -> None:
         """Steps pushed by other servers into our sessions (one-way). A step for an unknown session, or from a peer
-        other than the session's previous server, is dropped."""
-        async for payload in stream.frames():
-            try:
-                session_id = message_field(unpack(payload, "step"), "session_id", str)
-            except (ProtocolError, RemoteError) as e:
-                logger.debug("ignoring a bad pushed step from %s: %s", stream.remote_peer, e)
-                continue
-            inbox = self._push_inboxes.get(session_id)
-            if inbox is None or inbox.accept_from not in (None, stream.remote_peer):
-                logger.debug("ignoring a step pushed by %s for a session it does not feed", stream.remote_peer)
-                continue
-            try:
-                inbox.channel.send_nowait(payload)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                logger.debug("dropping a pushed step for busy or closed session %s", session_id)
+        other than the session's previous server, is dropped, and so is a step that does not fit the session."""
+        stream.max_frame_bytes = self.limits.push_frame_bytes()
+        try:
+            async for payload in stream.frames():
+                try:
+                    message = unpack(payload, Step.TYPE)
+                    session_id = message.get("session_id")
+                    inbox = self._push_inboxes.get(session_id) if isinstance(session_id, str) else None
+                    if inbox is None or inbox.accept_from not in (None, stream.remote_peer):
+                        logger.debug("ignoring a step pushed by %s for a session it does not feed", stream.remote_peer)
+                        continue
+                    step = Step.from_wire(message, limits=inbox.limits)
+                except (ProtocolError, RemoteError) as e:
+                    logger.debug("ignoring a bad pushed step from %s: %s", stream.remote_peer, e)
+                    continue
+                try:
+                    inbox.channel.send_nowait(step)
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    logger.debug("dropping a pushed step for busy or closed session %s", session_id)
+        except FrameTooLargeError as e:
+            logger.debug("stopped reading pushes from %s: %s", stream.remote_peer, e)
 
-    async def _step(self, message: dict[str, Any], span: BlockSpan, cache: Any, batch_size: int,
-                    pusher: _Pusher | None = None) -> bytes | None:
-        """Run one step. A relayed step (``push: true``) goes on to the next server (returns None: nothing to tell
+    async def _step(self, step: Step, session: _Session, pusher: _Pusher | None = None) -> bytes | None:
+        """Run one step. A relayed step (``push``) goes on to the next server (returns None: nothing to tell
         the client) or, at the end of the chain or when the push failed, answers the client with the output and
         every input it carries, which the client keeps for replay."""
-        compression = _compression(message)
-        hidden = decode_tensor(message_field(message, "hidden", dict))
-        check_hidden(hidden, hidden_size=span.hidden_size, dtype=span.dtype)
-        if hidden.shape[0] != batch_size:
-            raise InvalidRequestError(f"this session was opened for batch {batch_size}, got batch {hidden.shape[0]}")
-        position = message_field(message, "position", int)
-        if position != cache.length:
+        cache, batch_size = session.cache, session.batch_size
+        batch, new_tokens = step.hidden.shape[0], step.hidden.shape[1]
+        if batch != batch_size:  # every size is checked on the headers, before anything is decoded
+            raise InvalidRequestError(f"this session was opened for batch {batch_size}, got batch {batch}")
+        if step.position != cache.length:
             raise InvalidRequestError(
-                f"step starts at position {position} but the session's cache holds {cache.length} tokens")
-        if cache.length + hidden.shape[1] > cache.max_length:
+                f"step starts at position {step.position} but the session's cache holds {cache.length} tokens")
+        if cache.length + new_tokens > cache.max_length:
             raise InvalidRequestError(
-                f"session is full: {cache.length} + {hidden.shape[1]} tokens exceed its max_length {cache.max_length}")
-        beam_idx = message_field(message, "beam_idx", dict, None)
-        beam = decode_tensor(beam_idx) if beam_idx is not None else None
-        if beam is not None and (beam.ndim != 1 or beam.numel() != batch_size or beam.dtype != torch.int64
-                                 or bool((beam < 0).any()) or bool((beam >= batch_size).any())):
+                f"session is full: {cache.length} + {new_tokens} tokens exceed its max_length {cache.max_length}")
+        beam = _decoded(step.beam_idx, "beam_idx")
+        if beam is not None and (bool((beam < 0).any()) or bool((beam >= batch_size).any())):
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
-        prompts = self._prompts(message, hidden, span)
-        carry = _carried(message)  # a bad carry is refused before computing
-        out = await self._run_step(hidden.shape[0] * hidden.shape[1], self._inference_step, span, hidden, cache,
-                                   beam, prompts)
+        prompts = _decoded(step.prompts, "prompts")
+        hidden = step.hidden.decode("hidden states", finite=True)
+        # what a relayed step carries on: the inputs it arrived with plus its own, when it arrived from a server;
+        # a step straight from the client carries nothing (the client has its input)
+        carry = [] if step.carry is None else [*step.carry, step.hidden]
+        out = await self._run_step(batch * new_tokens, self._inference_step, session.span, hidden, cache, beam,
+                                   prompts)
         self.stats.inference_steps += 1
-        output = {"type": "output", "hidden": encode_tensor(out, compression), "position": cache.length}
-        if message.get("push") is True:
-            if pusher is not None and await pusher.push(message, output, carry):
+        output = Output(WireTensor.encode(out, step.compression), cache.length)
+        if step.push:
+            if pusher is not None and await pusher.push(step, output.hidden, carry):
                 return None
-            output.update(carry=carry, pushed=False)
-        return pack(output)
+            output.carry = carry
+        return output.encode()
 
     @staticmethod
     def _inference_step(span: BlockSpan, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
@@ -351,83 +353,67 @@ class SpanService:
 
 
 @dataclass
+class _Session:
+    """One open inference session: its blocks, the bounds of its steps, its cache."""
+
+    span: BlockSpan
+    limits: SpanLimits
+    cache: Any
+    batch_size: int
+
+
+@dataclass
 class _RelayLink:
     """How a session takes part in a relay chain (the ``open`` message's session_id, push_to and accept_from)."""
 
     session_id: str | None  # steps pushed with this id enter the session
-    push_to: dict[str, Any] | None  # the next server's peer_id, session_id and addrs
-    accept_from: str | None  # the only peer whose pushed steps are taken (None: any; kept for older clients)
+    push_to: PushTarget | None  # the next server's session
+    accept_from: str | None  # the only peer whose pushed steps are taken (None: any)
 
 
 @dataclass
 class _PushInbox:
     channel: trio.MemorySendChannel
     accept_from: str | None
+    limits: SpanLimits
 
 
-def _relay_link(opening: dict[str, Any]) -> _RelayLink | None:
+def _relay_link(opening: Open) -> _RelayLink | None:
     """The relay part of an opening message, or None for a plain session."""
-    session_id = message_field(opening, "session_id", str, None)
-    push_to = message_field(opening, "push_to", dict, None)
-    accept_from = message_field(opening, "accept_from", str, None)
-    if session_id is None and push_to is None:
+    if opening.session_id is None and opening.push_to is None:
         return None
-    if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
-        raise InvalidRequestError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} characters")
-    if push_to is not None:
-        peer = message_field(push_to, "peer_id", str)
-        target = message_field(push_to, "session_id", str)
-        addrs = message_field(push_to, "addrs", list, [])
-        if not 0 < len(target) <= MAX_SESSION_ID_CHARS or not all(isinstance(a, str) for a in addrs):
-            raise InvalidRequestError("push_to must name a peer_id, a session_id and a list of addresses")
-        push_to = {"peer_id": peer, "session_id": target, "addrs": addrs[:8]}
-    return _RelayLink(session_id, push_to, accept_from)
-
-
-def _carried(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The inputs a relayed step carries on: those it arrived with plus its own, when it arrived from a server
-    (a step with a ``carry`` field); a step straight from the client carries nothing (the client has its input)."""
-    carry = message_field(message, "carry", list, None)
-    if carry is None:
-        return []
-    if len(carry) >= MAX_CARRY or not all(isinstance(c, dict) for c in carry):
-        raise InvalidRequestError(f"carry must be a list of at most {MAX_CARRY - 1} encoded tensors")
-    return [*carry, message["hidden"]]
+    return _RelayLink(opening.session_id, opening.push_to, opening.accept_from)
 
 
 class _Pusher:
     """Sends a session's outputs on to the next server's session, until a push fails."""
 
-    def __init__(self, service: SpanService, push_to: dict[str, Any]):
+    def __init__(self, service: SpanService, push_to: PushTarget):
         self.service, self.target = service, push_to
         self.stream: FramedStream | None = None
         self.broken = False
 
-    async def push(self, message: dict[str, Any], output: dict[str, Any], carry: list[dict[str, Any]]) -> bool:
+    async def push(self, step: Step, output: WireTensor, carry: list[WireTensor]) -> bool:
         """Push one step's output (with the inputs it carries); False when it could not (the client takes over)."""
         if self.broken or self.service.open_push_stream is None:
             return False
-        step = {"type": "step", "hidden": output["hidden"], "position": message_field(message, "position", int),
-                "compression": message.get("compression", "none"), "session_id": self.target["session_id"],
-                "push": True, "carry": carry}
+        pushed = Step(output, step.position, step.compression, push=True, session_id=self.target.session_id,
+                      carry=carry)
         try:
             with trio.fail_after(5):
                 if self.stream is None:
-                    self.stream = await self.service.open_push_stream(self.target["peer_id"], self.target["addrs"])
-                await self.stream.send(pack(step))
+                    self.stream = await self.service.open_push_stream(self.target.peer_id, self.target.addrs)
+                await self.stream.send(pushed.encode())
         except (SwarmError, trio.TooSlowError) as e:
-            logger.info("could not push to %s (%s); the client will send that step itself", self.target["peer_id"], e)
+            logger.info("could not push to %s (%s); the client will send that step itself", self.target.peer_id, e)
             self.broken = True
             return False
         return True
 
 
-def _compression(message: dict[str, Any]) -> Compression:
-    name = message_field(message, "compression", str, "none")
-    try:
-        return Compression(name)
-    except ValueError:
-        raise InvalidRequestError(f"unknown compression {name!r}; use one of {[c.value for c in Compression]}") from None
+def _decoded(tensor: WireTensor | None, name: str) -> torch.Tensor | None:
+    """A request's optional tensor, decoded (its header was checked when the message was read) and finite."""
+    return None if tensor is None else tensor.decode(name, finite=True)
 
 
 def _to(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:

@@ -107,35 +107,69 @@ def encode_tensor(tensor: torch.Tensor, compression: Compression = Compression.N
     return EncodedTensor(name, tuple(cpu.shape), Compression(compression).value, data, scales).to_wire()
 
 
-def decode_tensor(obj: object) -> torch.Tensor:
-    """Inverse of :func:`encode_tensor`; validates everything a peer could get wrong."""
+@dataclass(frozen=True)
+class TensorHeader:
+    """What an encoded tensor claims to be, checked against its byte counts, before anything is allocated."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    compression: Compression
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+MAX_TENSOR_DIMS = 8
+_COMPRESSIONS = {c.value: c for c in Compression}
+
+
+def read_header(obj: object) -> TensorHeader:
+    """Validate an encoded tensor's fields and byte counts without decoding it (nothing is allocated)."""
     if not isinstance(obj, dict):
         raise ProtocolError(f"expected a tensor, got {type(obj).__name__}")
     try:
         dtype = dtype_from_name(obj["dtype"])
-        shape = tuple(int(s) for s in obj["shape"])
-        comp = Compression(obj.get("comp", "none"))
+        shape = obj["shape"]
+        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(type(s) is int for s in shape):
+            raise TypeError(f"shape must be a list of at most {MAX_TENSOR_DIMS} integers, got {shape!r}")
+        shape = tuple(shape)
+        comp = _COMPRESSIONS[obj.get("comp", "none")]
         data = obj["data"]
         scales = obj.get("scales", b"")
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"malformed tensor message: {e!r}") from e
-    if any(s < 0 for s in shape) or math.prod(shape) > MAX_TENSOR_ELEMENTS:
+    numel = math.prod(shape)
+    if (shape and min(shape) < 0) or numel > MAX_TENSOR_ELEMENTS:
         raise ProtocolError(f"invalid tensor shape {shape}")
     if not isinstance(data, (bytes, bytearray)) or not isinstance(scales, (bytes, bytearray)):
         raise ProtocolError("tensor data must be bytes")
-    numel = math.prod(shape)
     if comp != Compression.NONE and not dtype.is_floating_point:
         raise ProtocolError(f"a {dtype} tensor cannot travel compressed ({comp.value})")
     if comp == Compression.BLOCKWISE_8BIT:
-        return _blockwise_dequantize(data, scales, numel, shape).to(dtype)
-    wire_dtype = _HALF.get(comp, dtype)
-    itemsize = torch.empty((), dtype=wire_dtype).element_size()
-    if len(data) != numel * itemsize:
-        raise ProtocolError(f"tensor of shape {shape} and dtype {wire_dtype} needs {numel * itemsize} bytes, "
-                            f"got {len(data)}")
+        num_blocks = (numel + BLOCKWISE_BLOCK - 1) // BLOCKWISE_BLOCK
+        if len(data) != numel or len(scales) != 4 * num_blocks:
+            raise ProtocolError(f"an 8-bit tensor of {numel} values needs {numel} data and {4 * num_blocks} scale "
+                                f"bytes (blocks of {BLOCKWISE_BLOCK}), got {len(data)} and {len(scales)}")
+    else:
+        wire_dtype = _HALF.get(comp, dtype)
+        if len(data) != numel * wire_dtype.itemsize:
+            raise ProtocolError(f"tensor of shape {shape} and dtype {wire_dtype} needs {numel * wire_dtype.itemsize} "
+                                f"bytes, got {len(data)}")
+    return TensorHeader(dtype, shape, comp)
+
+
+def decode_tensor(obj: object, header: TensorHeader | None = None) -> torch.Tensor:
+    """Inverse of :func:`encode_tensor`; validates everything a peer could get wrong (:func:`read_header`) first,
+    unless ``header`` is what read_header already returned for ``obj``."""
+    header = read_header(obj) if header is None else header
+    assert isinstance(obj, dict)
+    data, shape, dtype, numel = obj["data"], header.shape, header.dtype, header.numel
+    if header.compression == Compression.BLOCKWISE_8BIT:
+        return _blockwise_dequantize(data, obj.get("scales", b""), numel, shape).to(dtype)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=wire_dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=_HALF.get(header.compression, dtype))
     return flat.reshape(shape).to(dtype)
 
 

@@ -14,7 +14,7 @@ from jupyter_swarm.client.inference import SessionLengthError
 from jupyter_swarm.client.swarm import join_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError, RemoteError
 from jupyter_swarm.wire.messages import pack, unpack
-from jupyter_swarm.wire.protocols import INFERENCE, RPC
+from jupyter_swarm.wire.protocols import INFERENCE, MAX_BATCH_TOKENS, RPC
 from jupyter_swarm.wire.tensors import encode_tensor
 from tests.integration.conftest import start_swarm
 
@@ -64,7 +64,7 @@ HOSTILE_RPC = [
     (pack({"type": "forward", "hidden": encode_tensor(torch.full((1, 3, HIDDEN), float("nan")))}), "NaN"),
     (pack({"type": "forward", "hidden": {"dtype": "float32", "shape": [1, 3, HIDDEN], "data": b"short"}}), "bytes"),
     (pack({"type": "forward", "hidden": {"dtype": "float32", "shape": [10**9, 10**9], "data": b""}}), "shape"),
-    (pack({"type": "forward", "hidden": encode_tensor(torch.zeros(64, 1024, HIDDEN))}), "exceed"),
+    (pack({"type": "forward", "hidden": encode_tensor(torch.zeros(1, MAX_BATCH_TOKENS + 1, HIDDEN))}), "exceed"),
     (pack({"type": "forward", "start": 0, "end": 4, "hidden": encode_tensor(torch.zeros(1, 3, HIDDEN))}),
      "not served here"),
     (pack({"type": "backward", "hidden": encode_tensor(torch.zeros(1, 3, HIDDEN)),
@@ -83,13 +83,15 @@ def test_hostile_rpc_requests_get_clear_errors_and_the_server_keeps_serving(swar
         assert len(answers) == len(HOSTILE_RPC)
         for answer, (_, expected) in zip(answers, HOSTILE_RPC):
             assert expected in _error_of(answer)
-        # an oversized frame header is refused and only that stream is dropped
+        # an oversized frame header is refused with a reason, and only that stream is dropped
         async def oversized():
             stream = await node.open_stream(server, RPC)
             await stream._stream.write((2**32 - 1).to_bytes(4, "big"))
+            reply = await stream.recv()
             with pytest.raises(PeerUnavailableError):
                 await stream.recv()
-        node.call(oversized)
+            return reply
+        assert "4294967295-byte message, over the" in _error_of(node.call(oversized))
     finally:
         node.shutdown()
     for server in local_swarm.servers:

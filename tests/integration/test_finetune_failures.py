@@ -10,7 +10,7 @@ import torch
 from jupyter_swarm.client.swarm import join_swarm
 from jupyter_swarm.errors import RemoteError
 from jupyter_swarm.wire.messages import pack, unpack
-from jupyter_swarm.wire.protocols import RPC
+from jupyter_swarm.wire.protocols import MAX_BATCH_TOKENS, RPC
 from jupyter_swarm.wire.tensors import encode_tensor
 from tests.integration.conftest import start_swarm
 from tests.integration.finetune_reference import LocalPrompts, causal_lm_loss, deep_prompt_hooks
@@ -108,7 +108,7 @@ HOSTILE_BACKWARD = [
     (_backward(torch.full((1, 3, HIDDEN), float("nan")), _zeros(1, 3, HIDDEN)), "NaN"),
     (_backward(_zeros(1, 3, HIDDEN), {"dtype": "float32", "shape": [10**9, 10**9, HIDDEN], "data": b""}), "shape"),
     (_backward(_zeros(1, 3, HIDDEN), {"dtype": "float32", "shape": [1, 3, HIDDEN], "data": b"short"}), "bytes"),
-    (_backward(_zeros(64, 1024, HIDDEN), _zeros(64, 1024, HIDDEN)), "exceed"),
+    (_backward(_zeros(1, MAX_BATCH_TOKENS + 1, HIDDEN), _zeros(1, MAX_BATCH_TOKENS + 1, HIDDEN)), "exceed"),
     (_backward(_zeros(1, 3, HIDDEN), _zeros(1, 3, HIDDEN), prompts=_zeros(2, 1, 5, HIDDEN)), "prompts must have shape"),
     (_backward(_zeros(1, 3, HIDDEN), _zeros(1, 3, HIDDEN), prompts=_zeros(7, 1, 2, HIDDEN)), "prompts must have shape"),
     (_backward(_zeros(1, 3, HIDDEN), _zeros(1, 3, HIDDEN), prompts=_zeros(2, 1, 2, HIDDEN, dtype=torch.float16)),
@@ -116,7 +116,7 @@ HOSTILE_BACKWARD = [
     (_backward(_zeros(1, 3, HIDDEN), _zeros(1, 3, HIDDEN), prompts=torch.full((2, 1, 2, HIDDEN), float("nan"))),
      "prompts contain NaN"),
     (_backward(_zeros(1, 3, HIDDEN), _zeros(1, 3, HIDDEN), start=0, end=4), "not served here"),
-    (_backward(_zeros(1, 3, HIDDEN), "not a tensor"), "'grad_output' must be dict"),
+    (_backward(_zeros(1, 3, HIDDEN), "not a tensor"), "grad_output: expected a tensor"),
     (pack({"type": "backward", "hidden": encode_tensor(_zeros(1, 3, HIDDEN))}), "lacks the field 'grad_output'"),
 ]
 

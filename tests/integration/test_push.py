@@ -49,8 +49,8 @@ def test_a_server_that_cannot_push_hands_the_step_back_to_the_client(model_path,
 
     def broken_links(chain):
         links = original_links(chain)
-        links[0]["push_to"]["peer_id"] = str(ID.from_pubkey(new_identity().public_key))  # a peer nobody runs
-        links[0]["push_to"]["addrs"] = []
+        links[0]["push_to"].peer_id = str(ID.from_pubkey(new_identity().public_key))  # a peer nobody runs
+        links[0]["push_to"].addrs = []
         return links
 
     monkeypatch.setattr(inference, "_relay_links", broken_links)
@@ -93,7 +93,7 @@ def test_hostile_pushes_are_dropped_and_sessions_ids_cannot_be_hijacked(model_pa
                 return [answer]
 
             (answer,) = node.call(attack)
-            assert b"session_id must be" in answer
+            assert b"'session_id' must be 1..64 characters" in answer
         finally:
             node.shutdown()
         got = model.generate(PROMPT, max_new_tokens=10, do_sample=False)
@@ -139,7 +139,7 @@ def test_a_session_takes_pushed_steps_only_from_its_previous_server_and_refuses_
             bad_carry, first = node.call(session, stranger, False)
             assert b"carry must be a list" in bad_carry
             output = unpack(first, "output")
-            assert output["position"] == 1 and output["carry"] == [] and output["pushed"] is False
+            assert output["position"] == 1 and output["carry"] == []
 
             pushed, bad_carry = node.call(session, node.peer_id, True)  # pushed by the peer it accepts: served
             assert b"carry must be a list" in bad_carry
