@@ -31,8 +31,9 @@ class WireTensor:
     @classmethod
     def encode(cls, tensor: torch.Tensor, compression: Compression = Compression.NONE) -> "WireTensor":
         """Encode a local tensor for sending."""
-        wire = encode_tensor(tensor, compression)
-        return cls(TensorHeader(tensor.dtype, tuple(tensor.shape), Compression(wire["comp"])), wire)
+        if not tensor.is_floating_point():
+            compression = Compression.NONE  # as encode_tensor does
+        return cls(TensorHeader(tensor.dtype, tuple(tensor.shape), compression), encode_tensor(tensor, compression))
 
     @classmethod
     def read(cls, message: dict[str, Any], name: str, default: Any = ...) -> Any:
@@ -61,7 +62,7 @@ class WireTensor:
 
     def decode(self, name: str = "tensor", *, finite: bool = False) -> torch.Tensor:
         """The tensor itself; ``finite`` refuses NaN and infinities (in anything a model will compute with)."""
-        tensor = decode_tensor(self.wire)
+        tensor = decode_tensor(self.wire, self.header)
         if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidRequestError(f"{name} contain NaN or infinite values")
         return tensor
