@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print every model the swarm serves, its coverage and its servers.")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     status.add_argument("--model-prefix", default=None, help="show only this model")
+    status.add_argument("--json", action="store_true", help="print JSON: per model, its blocks, coverage, missing "
+                                                           "blocks and every server's record")
     add_swarm_key_option(status)
 
     demo = sub.add_parser("demo", help="chat with a real model through a local three-server swarm",
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve" and not args.verbose:
+        logging.getLogger("jupyter_swarm").setLevel(logging.INFO)  # a server tells what it is doing
     try:
         if args.command == "serve":
             return _serve(args)
@@ -168,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput,
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
         memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters,
-        swarm_key=args.swarm_key, allowed_peers=args.allow_peers)
+        swarm_key=args.swarm_key, allowed_peers=args.allow_peers, progress=sys.stderr.isatty())
     server = BlockServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     if args.stop_with_parent:
@@ -218,9 +222,15 @@ def _stop_when_parent_exits(server: object) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from jupyter_swarm.client.status import format_status, read_swarm_status
+    from jupyter_swarm.client.status import format_status, map_summary, read_swarm_status
 
-    print(format_status(read_swarm_status(args.initial_peers, args.model_prefix, swarm_key=args.swarm_key)))
+    maps = read_swarm_status(args.initial_peers, args.model_prefix, swarm_key=args.swarm_key)
+    if args.json:
+        import json
+
+        print(json.dumps({"models": {prefix: map_summary(swarm) for prefix, swarm in maps.items()}}, indent=1))
+    else:
+        print(format_status(maps))
     return 0
 
 

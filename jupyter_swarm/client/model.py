@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from jupyter_swarm.client.batching import remote_blocks_chunked
 from jupyter_swarm.client.inference import InferenceSession
@@ -24,6 +25,7 @@ from jupyter_swarm.client.tuning import PromptTuning, make_prompt_tuning
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.models import ClientHead, load_model_config
+from jupyter_swarm.models.hub import HubOptions, resolve_dtype
 from jupyter_swarm.p2p.identity import load_or_create_identity
 from jupyter_swarm.p2p.swarm_key import SwarmKey
 from jupyter_swarm.wire.protocols import MAX_BATCH_TOKENS
@@ -54,16 +56,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._pending_beam_idx: torch.Tensor | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str, *args: Any, initial_peers: Sequence[str] = (), dtype: torch.dtype | None = None,
-                        model_prefix: str | None = None, compression: str = "none",
+    def from_pretrained(cls, model: str, *args: Any, initial_peers: Sequence[str] = (),
+                        dtype: torch.dtype | str | None = None, torch_dtype: torch.dtype | str | None = None,
+                        model_prefix: str | None = None, dht_prefix: str | None = None, compression: str = "none",
                         wait_for_coverage: float = 10.0, request_timeout: float = 180.0,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, active_adapter: str | None = None,
                         allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = (),
                         allowed_quant_types: Sequence[str] | None = None,
                         swarm_key: str | SwarmKey | None = None, identity: str | None = None,
-                        **kwargs: Any) -> "DistributedModelForCausalLM":
+                        revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
+                        local_files_only: bool = False, **kwargs: Any) -> "DistributedModelForCausalLM":
         """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks.
 
+        As in transformers: ``dtype`` (or its older name ``torch_dtype``) is a torch dtype, its name, or "auto"
+        (the checkpoint's, also the default); ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` say
+        which copy of a hub id to read. As in Petals: ``dht_prefix`` is another name for ``model_prefix``, the
+        model's name in the swarm (default: derived from ``model``).
         ``tuning_mode="ptune"`` or ``"deep_ptune"`` adds ``pre_seq_len`` trainable prompts (see
         :mod:`jupyter_swarm.client.tuning`); they are the model's only parameters with ``requires_grad``.
         ``active_adapter``: the name of a LoRA adapter servers host (``serve --adapters``) to run the blocks with;
@@ -78,17 +86,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         extra = cls._extra_arguments(kwargs)
         if args or kwargs:
             raise ConfigurationError(f"unexpected arguments {list(kwargs) or args}; "
-                                     "supported: initial_peers, dtype, model_prefix, compression, "
-                                     "wait_for_coverage, request_timeout, tuning_mode, pre_seq_len, "
+                                     "supported: initial_peers, dtype, torch_dtype, model_prefix, dht_prefix, "
+                                     "compression, wait_for_coverage, request_timeout, tuning_mode, pre_seq_len, "
                                      "allowed_servers, blocked_servers, allowed_quant_types, active_adapter, "
-                                     "swarm_key, identity"
+                                     "swarm_key, identity, revision, token, cache_dir, local_files_only"
                                      + "".join(f", {name}" for name in extra))
-        config = load_model_config(model)
-        head = ClientHead.load(model, dtype=dtype)
+        if model_prefix is not None and dht_prefix is not None and model_prefix != dht_prefix:
+            raise ConfigurationError(f"model_prefix={model_prefix!r} and dht_prefix={dht_prefix!r} disagree: "
+                                     "they are two names for the same thing; give one of them")
+        hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        config = load_model_config(model, hub)
+        head = ClientHead.load(model, dtype=resolve_dtype(dtype, torch_dtype), hub=hub)
         tuning = make_prompt_tuning(tuning_mode, pre_seq_len, head)
         comp = parse_compression(compression)
-        swarm = SwarmClient(model_prefix or default_model_prefix(model), head.num_blocks, list(initial_peers),
-                            wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
+        swarm = SwarmClient(model_prefix or dht_prefix or default_model_prefix(model), head.num_blocks,
+                            list(initial_peers), wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
                             allowed_servers=allowed_servers, blocked_servers=blocked_servers,
                             allowed_quant_types=allowed_quant_types, swarm_key=swarm_key,
                             identity=load_or_create_identity(identity) if identity else None)
@@ -98,7 +110,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         except BaseException:
             swarm.close()
             raise
-        instance.generation_config = _generation_config(model, config)
+        instance.generation_config = _generation_config(model, config, hub)
         instance.eval()
         return instance
 
@@ -149,34 +161,85 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self._pending_beam_idx = None
             session.close()
 
-    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        """transformers' generate(); opens a session for this call unless one is already open.
+    @contextlib.contextmanager
+    def use_session(self, session: InferenceSession) -> Iterator[InferenceSession]:
+        """Make ``session`` (opened earlier with :meth:`inference_session`) this model's session for a while."""
+        if session.closed:
+            raise ConfigurationError("this inference session is closed; open a new one with model.inference_session()")
+        if self.active_session is not None and self.active_session is not session:
+            raise ConfigurationError("another inference session is active on this model; use that one, or close it")
+        previous, self.active_session = self.active_session, session
+        try:
+            yield session
+        finally:
+            self.active_session = previous
+            self._pending_beam_idx = None
 
-        Inside an open session, ``inputs`` are the tokens that follow what the session has already seen.
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, session: InferenceSession | None = None,
+                 **kwargs: Any) -> Any:
+        """transformers' ``generate()`` through the swarm, with sessions that work as in Petals.
+
+        Without a session, one is opened for this call. Inside ``inference_session()`` (or with ``session=``),
+        each call continues where the previous one stopped: ``inputs`` are the tokens that follow (``None``:
+        just generate more), transformers sees the whole session's tokens (for ``max_length``, logits
+        processors and stopping criteria), the servers get only the tokens they have not seen, and the result
+        holds ``inputs`` plus the new tokens (as ``.sequences`` with ``return_dict_in_generate=True``).
         """
-        session = self.active_session
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
         if session is not None:
-            return self._generate_in_session(session, inputs, *args, **kwargs)
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        prompt_length = input_ids.shape[1] if input_ids is not None else 1
+            context: Any = self.use_session(session)
+        elif self.active_session is not None:
+            context = contextlib.nullcontext(self.active_session)
+        else:
+            context = self.inference_session(max_length=self._session_length(inputs, kwargs))
+        with context as active:
+            return self._generate_in_session(active, inputs, *args, **kwargs)
+
+    def _session_length(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
-        max_length = prompt_length + max_new if max_new else (kwargs.get("max_length") or config.max_length)
-        with self.inference_session(max_length=max_length) as session:
-            return self._generate_in_session(session, inputs, *args, **kwargs)
+        prompt_length = inputs.shape[1] if inputs is not None else 1
+        return prompt_length + max_new if max_new else (kwargs.get("max_length") or config.max_length)
 
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args: Any,
                              **kwargs: Any) -> Any:
-        # generate() never feeds the token it produced last; the next call in the same session must.
-        carried = session.last_token_ids
-        if carried is not None and inputs is not None:
-            inputs = torch.cat([carried, inputs], dim=1)
+        previous = session.output_ids
+        seen = 0 if previous is None else previous.shape[1]
+        if previous is not None:
+            if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
+                raise ConfigurationError("beam search cannot continue an inference session: run it in a new "
+                                         "session (or outside one)")
+            if inputs is not None and inputs.shape[0] != previous.shape[0]:
+                raise ConfigurationError(f"this session holds {previous.shape[0]} sequence(s); got inputs for "
+                                         f"{inputs.shape[0]}")
+            inputs = previous if inputs is None else torch.cat([previous, inputs.to(previous.device)], dim=1)
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.shape[1] != inputs.shape[1]:  # a mask for the new tokens only
+                kwargs["attention_mask"] = torch.cat([torch.ones_like(previous), mask], dim=1)
         result = super().generate(inputs, *args, **kwargs)
-        if isinstance(result, torch.Tensor) and result.ndim == 2:
-            session.last_token_ids = result[:, -1:]
-            if carried is not None and inputs is not None:
-                result = result[:, 1:]
+        sequences = result.sequences if isinstance(result, ModelOutput) else result
+        session.output_ids = sequences
+        if seen:  # hand back what this call added, as Petals does
+            if isinstance(result, ModelOutput):
+                result.sequences = sequences[:, seen:]
+            else:
+                result = sequences[:, seen:]
         return result
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """transformers' own, except that the first step of a call in a session sends only the tokens the
+        servers have not seen yet (the session's earlier tokens are in their attention caches)."""
+        session = self.active_session
+        if session is not None and kwargs.get("is_first_iteration"):  # the prefill step of a generate() call
+            held = session.position - (self.tuning.pre_seq_len if self.tuning is not None and session.position else 0)
+            if held >= input_ids.shape[1]:
+                raise ConfigurationError(f"the session's servers already hold {held} tokens but generate() got "
+                                         f"{input_ids.shape[1]}: steps taken outside generate() cannot be continued")
+            if held:
+                next_sequence_length = input_ids.shape[1] - held
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search reorders hypotheses: the servers reorder their caches at the next step."""
@@ -232,9 +295,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.swarm.close()
 
 
-def _generation_config(model: str, config: PretrainedConfig) -> GenerationConfig:
+def _generation_config(model: str, config: PretrainedConfig, hub: HubOptions) -> GenerationConfig:
     try:
-        return GenerationConfig.from_pretrained(model)
+        return GenerationConfig.from_pretrained(model, **hub.kwargs())
     except (OSError, ValueError):
         return GenerationConfig.from_model_config(config)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from jupyter_swarm.client.swarm import join_swarm
 from jupyter_swarm.dht.store import RecordStore
@@ -27,6 +28,19 @@ def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = N
         return node.call(read)
     finally:
         node.shutdown()
+
+
+def map_summary(swarm: SwarmMap) -> dict[str, Any]:
+    """A swarm map as JSON-able data: blocks, coverage, missing blocks, and every server's record with the
+    seconds until it expires (``ttl_left``); what ``status --json`` prints and the Jupyter panel shows."""
+    return {
+        "model_prefix": swarm.model_prefix,
+        "num_blocks": swarm.num_blocks,
+        "coverage": swarm.coverage(),
+        "missing_blocks": swarm.missing_blocks(),
+        "servers": [{**record.to_wire(), "ttl_left": swarm.ttl_left.get(record.peer_id, 0.0)}
+                    for record in sorted(swarm.servers.values(), key=lambda r: (r.start, r.end, r.peer_id))],
+    }
 
 
 def format_status(maps: dict[str, SwarmMap]) -> str:

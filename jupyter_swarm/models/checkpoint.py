@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.models.config import is_local_model
+from jupyter_swarm.models.hub import HubOptions
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -37,9 +38,10 @@ class Checkpoint:
         self._fetch = fetch
 
     @classmethod
-    def open(cls, model: str) -> Checkpoint:
-        """Find the weight files of ``model`` (reads only index files or safetensors headers)."""
-        fetch = _LocalFiles(model) if is_local_model(model) else _HubFiles(model)
+    def open(cls, model: str, hub: HubOptions | None = None) -> Checkpoint:
+        """Find the weight files of ``model`` (reads only index files or safetensors headers); ``hub``: which copy
+        of a hub id to read."""
+        fetch = _LocalFiles(model) if is_local_model(model) else _HubFiles(model, hub or HubOptions())
         if index := fetch(SAFETENSORS_INDEX):
             weight_map = _read_index(index)
         elif path := fetch(SAFETENSORS_FILE):
@@ -141,8 +143,9 @@ class _LocalFiles:
 class _HubFiles:
     """Files of a hub repository, downloaded (or taken from the local hub cache) on first use."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, hub: HubOptions):
         self.model = model
+        self.hub = hub
         self.unreachable = False  # set when a file was neither cached nor downloadable (offline?)
 
     def __call__(self, file_name: str) -> str | None:
@@ -150,7 +153,7 @@ class _HubFiles:
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
-            return hf_hub_download(repo_id=self.model, filename=file_name)
+            return hf_hub_download(repo_id=self.model, filename=file_name, **self.hub.kwargs())
         except LocalEntryNotFoundError:  # offline, or the hub is unreachable, and the file is not cached
             self.unreachable = True
             return None

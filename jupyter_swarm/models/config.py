@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from jupyter_swarm.errors import UnsupportedModelError
 from jupyter_swarm.models.family import get_family, supported_model_types
+from jupyter_swarm.models.hub import HubOptions
 
 
 def is_local_model(model: str) -> bool:
@@ -24,8 +25,10 @@ def looks_like_path(model: str) -> bool:
     return model.count("/") > 1
 
 
-def load_model_config(model: str) -> PreTrainedConfig:
+def load_model_config(model: str, hub: HubOptions | None = None) -> PreTrainedConfig:
     """Load the config of ``model`` (a local directory or a hub id) and check it is a causal LM we can serve.
+
+    ``hub``: the revision, token, cache folder and offline flag to read a hub id with.
 
     Raises:
         UnsupportedModelError: ``model`` is not a directory and not a reachable hub id, or it is not a causal LM
@@ -45,7 +48,7 @@ def load_model_config(model: str) -> PreTrainedConfig:
         if looks_like_path(model):
             raise UnsupportedModelError(f"{model!r} is not a directory and not a reachable hub id")
         try:
-            config = AutoConfig.from_pretrained(model)
+            config = AutoConfig.from_pretrained(model, **(hub or HubOptions()).kwargs())
         except (OSError, ValueError) as e:  # hub errors are OSError subclasses; unknown model types are ValueError
             raise UnsupportedModelError(
                 f"{model!r} is not a directory and not a reachable hub id ({type(e).__name__}: {e})") from e

@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 
 from jupyter_swarm.models.checkpoint import Checkpoint, cast_floating, check_materialised
 from jupyter_swarm.models.config import config_dtype, load_model_config
+from jupyter_swarm.models.hub import HubOptions
 from jupyter_swarm.models.family import ModelFamily, get_family
 
 TIED = ("lm_head", "weight")
@@ -47,21 +48,22 @@ class ClientHead(nn.Module):
         return self.embeddings.weight.device
 
     @classmethod
-    def load(cls, model: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> ClientHead:
-        """Load only the client parts of ``model`` (a local directory or hub id).
+    def load(cls, model: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+             hub: HubOptions | None = None) -> ClientHead:
+        """Load only the client parts of ``model`` (a local directory or hub id; ``hub``: which copy of it).
 
         Raises:
             UnsupportedModelError: ``model`` is not a supported causal LM.
             ConfigurationError: the checkpoint lacks some of the client parts.
         """
-        config = load_model_config(model)
+        config = load_model_config(model, hub)
         family = get_family(config)
         dtype = dtype or config_dtype(config)
         device = torch.device(device)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         with torch.device("meta"):
             modules = family.make_client_modules(config)
-        checkpoint = Checkpoint.open(model)
+        checkpoint = Checkpoint.open(model, hub)
         for part, module in modules.items():
             local_names = [n for n in module.state_dict() if not (tied and (part, n) == TIED)]
             if not local_names:

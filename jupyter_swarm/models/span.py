@@ -47,8 +47,11 @@ class BlockSpan(nn.Module):
 
     @classmethod
     def load(cls, model: str, start: int, end: int, *, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu", quant_type: QuantType | str = QuantType.NONE) -> BlockSpan:
+             device: str | torch.device = "cpu", quant_type: QuantType | str = QuantType.NONE,
+             progress: bool = False) -> BlockSpan:
         """Load blocks ``[start, end)`` of ``model`` (a local directory or hub id), reading only their weights.
+
+        ``progress``: show a tqdm bar, one step per block (a widget in notebooks).
 
         Args:
             dtype: of the weights and cache; None means the checkpoint's own dtype (float32 if it does not say).
@@ -73,7 +76,10 @@ class BlockSpan(nn.Module):
             blocks = nn.ModuleList(family.make_block(span_config, i) for i in range(end - start))
         checkpoint = Checkpoint.open(model)
         names_read: list[str] = []
-        for i, block in enumerate(blocks):
+        from tqdm.auto import tqdm
+
+        for i, block in enumerate(tqdm(blocks, desc=f"loading blocks {start}:{end}", unit="block",
+                                       disable=not progress)):
             names = checkpoint.resolve(family.block_prefixes(start + i), block.state_dict().keys(),
                                        what=f"block {start + i}")
             # a quantized block is read to the CPU: bitsandbytes quantizes weights as they move from there

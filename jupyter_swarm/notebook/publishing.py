@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jupyter_swarm.client.status import map_summary
 from jupyter_swarm.notebook import state as state_files
 from jupyter_swarm.notebook.connection import SwarmConnection
 from jupyter_swarm.notebook.generation import Generation
@@ -29,29 +30,13 @@ def build_snapshot(connection: SwarmConnection, generation: Generation, serving:
                             "local_swarm": connection.local_swarm is not None, "serve": serving.stats(),
                             "gpu": gpu_available(), "generating": generation.generating}
     if connection.last_map is not None:
-        data.update(map_snapshot(connection.last_map))
+        data.update(map_summary(connection.last_map))
     data["own_peer_id"] = serving.own_peer_id()
     if generation.last_result is not None:
         r = generation.last_result
         data["last_generation"] = {"tokens": r.tokens, "tokens_per_second": r.tokens_per_second,
                                    "route": [list(x) for x in r.route], "error": r.error}
     return data
-
-
-def map_snapshot(swarm_map: Any) -> dict[str, Any]:
-    """A swarm map as JSON: blocks, coverage, missing blocks and servers."""
-    return {
-        "model_prefix": swarm_map.model_prefix,
-        "num_blocks": swarm_map.num_blocks,
-        "coverage": swarm_map.coverage(),
-        "missing_blocks": swarm_map.missing_blocks(),
-        "servers": [
-            {"peer_id": r.peer_id, "start": r.start, "end": r.end, "state": r.state.value,
-             "throughput": r.throughput, "cache_tokens_left": r.cache_tokens_left,
-             "ttl_left": swarm_map.ttl_left.get(r.peer_id, 0.0)}
-            for r in sorted(swarm_map.servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
-        ],
-    }
 
 
 def kernel_id() -> str | None:

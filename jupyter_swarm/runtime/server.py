@@ -150,6 +150,7 @@ class ServerConfig:
     adapters: list[str] = field(default_factory=list)  # LoRA adapters to host: PATH or NAME=PATH (runtime/adapters.py)
     swarm_key: str | SwarmKey | None = None  # a key file (or key) of a private swarm; None: $JUPYTER_SWARM_KEY or open
     allowed_peers: list[str] | None = None  # connect only with these peer ids (servers and clients); None: anyone
+    progress: bool = False  # tqdm bars while loading blocks and measuring throughput (`serve` on a terminal)
 
 
 class BlockServer:
@@ -198,14 +199,18 @@ class BlockServer:
         try:
             self.store = RecordStore(self.node)
             self.node.set_handler(SPEEDTEST, serve_speedtest)
+            self._enter_stage(STARTING_STAGES[0], f" through {len(cfg.initial_peers)} initial peer(s)"
+                              if cfg.initial_peers else " (a new swarm)")
             self._join(cfg.initial_peers)
-            self._enter_stage(STARTING_STAGES[1])
+            self._enter_stage(STARTING_STAGES[1], " where the swarm needs them" if self.auto else
+                              f": {self.start_block}:{self.end_block}, as given")
             if self.auto:
                 self.start_block, self.end_block = self.node.call(self._choose_span)
             self.node.spawn_from_thread(self._announce_loop)
-            self._enter_stage(STARTING_STAGES[2])
+            self._enter_stage(STARTING_STAGES[2], f" {self.start_block}:{self.end_block} of {cfg.model} on "
+                              f"{cfg.device} (quant type {self.quant_type.value})")
             self.span = BlockSpan.load(cfg.model, self.start_block, self.end_block, dtype=cfg.dtype,
-                                       device=cfg.device, quant_type=self.quant_type)
+                                       device=cfg.device, quant_type=self.quant_type, progress=cfg.progress)
             self.service = self._make_service(self.span)
             self._enter_stage(STARTING_STAGES[3])
             self._set_rates(self.span)
@@ -224,9 +229,9 @@ class BlockServer:
         logger.info("serving blocks %d:%d of %s as %s", self.start_block, self.end_block, self.prefix, self.addrs)
         return self
 
-    def _enter_stage(self, stage: str) -> None:
+    def _enter_stage(self, stage: str, detail: str = "") -> None:
         self.stage = stage
-        logger.info("%s", stage)
+        logger.info("%s%s", stage, detail)
 
     def status(self) -> ServerStatus:
         """What this server is doing now: its stage, span, requests served, cache use (safe from any thread)."""
@@ -384,7 +389,7 @@ class BlockServer:
             if bandwidth is not None:
                 logger.info("measured %.0f Mbit/s to the swarm", bandwidth)
         self.measured_bandwidth_mbps = bandwidth
-        self._rates = get_throughput(span, bandwidth_mbps=bandwidth)
+        self._rates = get_throughput(span, bandwidth_mbps=bandwidth, progress=cfg.progress)
         self._throughput = self._rates.throughput(span.num_blocks)
 
     # ---- pings to the servers of the next blocks ----------------------------------------------------------

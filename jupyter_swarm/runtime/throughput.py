@@ -67,29 +67,41 @@ def network_rps(hidden_size: int, dtype: torch.dtype, bandwidth_mbps: float = DE
     return bandwidth_mbps * 1e6 / 8 / bytes_per_token
 
 
-def measure_compute(span: Any, *, steps: int = 8, forward_tokens: int = 128) -> tuple[float, float]:
-    """(inference steps/s, forward tokens/s) through one block of ``span``, measured on its first block."""
+def measure_compute(span: Any, *, steps: int = 8, forward_tokens: int = 128,
+                    progress: bool = False) -> tuple[float, float]:
+    """(inference steps/s, forward tokens/s) through one block of ``span``, measured on its first block;
+    ``progress`` shows a tqdm bar (warm-up, inference steps, forward passes)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2 + steps + 3, desc="measuring throughput", unit="pass", disable=not progress, leave=False)
     block = span.narrow(span.start, span.start + 1) if span.num_blocks > 1 else span
     hidden = torch.randn(1, 1, block.hidden_size, dtype=block.dtype, device=block.device) * 0.1
     with torch.inference_mode():
         cache = block.new_cache(1, steps + 4)
         for _ in range(2):
             block(hidden, cache=cache)
+            bar.update()
         began = time.perf_counter()
         for _ in range(steps):
             block(hidden, cache=cache)
+            bar.update()  # a bar update costs microseconds against a block's milliseconds
         inference_rps = steps / max(time.perf_counter() - began, 1e-9)
         batch = torch.randn(1, forward_tokens, block.hidden_size, dtype=block.dtype, device=block.device) * 0.1
         block(batch)
+        bar.update()
         began = time.perf_counter()
         for _ in range(2):
             block(batch)
+            bar.update()
         forward_rps = 2 * forward_tokens / max(time.perf_counter() - began, 1e-9)
+    bar.close()
     return inference_rps, forward_rps
 
 
-def get_throughput(span: Any, *, bandwidth_mbps: float | None = None, use_cache: bool = True) -> ThroughputInfo:
-    """Measured rates of this device for this model shape (read from the cache when measured before)."""
+def get_throughput(span: Any, *, bandwidth_mbps: float | None = None, use_cache: bool = True,
+                   progress: bool = False) -> ThroughputInfo:
+    """Measured rates of this device for this model shape (read from the cache when measured before);
+    ``progress``: a tqdm bar while measuring."""
     key = cache_key(span)
     path = cache_path()
     cached: dict[str, Any] = {}
@@ -105,7 +117,8 @@ def get_throughput(span: Any, *, bandwidth_mbps: float | None = None, use_cache:
                                        for k in ("inference_rps", "forward_rps")):
         inference_rps, forward_rps = float(entry["inference_rps"]), float(entry["forward_rps"])
     else:
-        inference_rps, forward_rps = measure_compute(span)
+        logger.info("measuring throughput once for this device and model shape (cached in %s)", path)
+        inference_rps, forward_rps = measure_compute(span, progress=progress)
         cached[key] = {"inference_rps": inference_rps, "forward_rps": forward_rps, "measured_at": time.time()}
         if use_cache:
             try:
