@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Simulated swarms (no network, no model) driven by the real block-selection and routing code.
 
-    python bench/sim_swarm.py                          # 10, 100 and 1,000 servers, 80 blocks, writes PNGs + JSON
+    python bench/sim_swarm.py                          # 10, 100 and 1,000 servers, 80 blocks, writes plotly HTML + JSON
     python bench/sim_swarm.py --sizes 10 100 --minutes 60 --out bench/results/sim
 
 Each swarm has heterogeneous servers (throughput log-normal, span length 10-30 blocks, positions on a plane that
@@ -309,54 +309,46 @@ def summarise(n: int, result: dict) -> dict:
 
 
 def plot(results: dict[int, dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Three interactive plotly charts as HTML files (plotly is a dependency of the notebook extra; no image
+    export engine needed)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     files = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = go.Figure()
     for n, result in results.items():
         samples = result["samples"]
-        ax.plot([s["t"] / 60 for s in samples], [s["bottleneck"] / s["bound"] if s["bound"] else 0.0 for s in samples],
-                label=f"{n} servers")
-    ax.set_xlabel("minutes (with churn)")
-    ax.set_ylabel("bottleneck / upper bound")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Swarm throughput relative to the best any placement could do")
-    ax.legend()
-    fig.tight_layout()
-    files.append(str(out / "sim_bottleneck.png"))
-    fig.savefig(files[-1], dpi=110)
+        fig.add_scatter(x=[s["t"] / 60 for s in samples], name=f"{n} servers", mode="lines",
+                        y=[s["bottleneck"] / s["bound"] if s["bound"] else 0.0 for s in samples])
+    fig.update_layout(title="Swarm throughput relative to the best any placement could do",
+                      xaxis_title="minutes (with churn)", yaxis_title="bottleneck / upper bound",
+                      yaxis_range=[0, 1.05])
+    files.append(str(out / "sim_bottleneck.html"))
+    fig.write_html(files[-1])
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    titles = ("through the client", "server-to-server push")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for n, result in results.items():
         routes = [r for s in result["samples"] for r in s["routes"]]
-        for ax, key in zip(axes, ("push=False", "push=True")):
+        for col, key in enumerate(("push=False", "push=True"), start=1):
             values = sorted(r[key]["latency"] / r[key]["best"] for r in routes)
-            ax.plot(values, [i / max(1, len(values) - 1) for i in range(len(values))], label=f"{n} servers")
-    for ax, key in zip(axes, ("through the client", "server-to-server push")):
-        ax.set_xlabel("chosen route latency / best route latency")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(key)
-        ax.legend()
-    fig.tight_layout()
-    files.append(str(out / "sim_route_latency.png"))
-    fig.savefig(files[-1], dpi=110)
+            fig.add_scatter(x=values, y=[i / max(1, len(values) - 1) for i in range(len(values))], mode="lines",
+                            name=f"{n} servers", legendgroup=str(n), showlegend=col == 1, row=1, col=col)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="chosen route latency / best route latency", row=1, col=col)
+        fig.update_yaxes(title_text="fraction of requests", row=1, col=col)
+    files.append(str(out / "sim_route_latency.html"))
+    fig.write_html(files[-1])
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = go.Figure()
     sizes = list(results)
     for key in ("push=False", "push=True"):
-        ax.plot(sizes, [statistics.median(r[key]["route_ms"] for s in results[n]["samples"] for r in s["routes"])
-                        for n in sizes], marker="o", label=key)
-    ax.set_xscale("log")
-    ax.set_xlabel("servers")
-    ax.set_ylabel("routing time per request (ms, median)")
-    ax.legend()
-    fig.tight_layout()
-    files.append(str(out / "sim_routing_time.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close("all")
+        fig.add_scatter(x=sizes, mode="lines+markers", name=key,
+                        y=[statistics.median(r[key]["route_ms"] for s in results[n]["samples"] for r in s["routes"])
+                           for n in sizes])
+    fig.update_layout(xaxis_type="log", xaxis_title="servers", yaxis_title="routing time per request (ms, median)")
+    files.append(str(out / "sim_routing_time.html"))
+    fig.write_html(files[-1])
     return files
 
 

@@ -1,8 +1,12 @@
 """jupyter-swarm: run and fine-tune LLMs over a swarm of GPUs, driven from Jupyter."""
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:  # the one version number lives in pyproject.toml (labextension/package.json repeats it; a test checks)
+    __version__ = version("jupyter-swarm")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["AutoDistributedModelForCausalLM", "AutoDistributedModelForSequenceClassification",
            "DistributedModelForCausalLM", "DistributedModelForSequenceClassification", "__version__"]
@@ -19,6 +23,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(classification, name)
     raise AttributeError(name)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where JupyterLab and Notebook 7 find the prebuilt front-end extension (the Swarm panel) in this package."""
+    return [{"src": "labextension", "dest": "jupyter-swarm-labextension"}]
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chat through this swarm (serving --model) instead of starting three local servers")
     add_swarm_key_option(demo)
 
+    api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API for a model the swarm serves",
+                         description="Load the client parts of MODEL, join the swarm, and answer OpenAI API requests "
+                                     "(/v1/models, /v1/completions, /v1/chat/completions, with stream: true) "
+                                     "through it until Ctrl-C. Needs: pip install 'jupyter-swarm[api]'.")
+    api.add_argument("model", help="a model directory, a hub id, or demo (SmolLM2-135M-Instruct)")
+    api.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    api.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--model-name", default=None,
+                     help="the model's id in the API (default: the last component of MODEL)")
+    api.add_argument("--model-prefix", default=None, help="name of the model in the swarm (default: from MODEL)")
+    add_swarm_key_option(api)
+
     keygen = sub.add_parser("keygen", help="write a new swarm key file (for a private swarm)",
                             description="Write a new random swarm key to FILE (mode 0600). Copy the file to every "
                                         "server and client of the swarm and pass --swarm-key FILE (or set "
@@ -136,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "keygen":
             return _keygen(args)
+        if args.command == "api":
+            return _api(args)
         return _demo(args)
     except SwarmError as e:
         print(f"jupyter-swarm {args.command}: error: {e}", file=sys.stderr)
@@ -203,6 +218,28 @@ def _demo(args: argparse.Namespace) -> int:
     options = {"system_prompt": args.system_prompt} if args.system_prompt is not None else {}
     return run_demo(args.prompt or DEMO_QUESTION, max_new_tokens=args.max_new_tokens, model=args.model,
                     chat=args.chat, initial_peers=args.initial_peers, swarm_key=args.swarm_key, **options)
+
+
+def _api(args: argparse.Namespace) -> int:
+    import os
+
+    from transformers import AutoTokenizer
+
+    from jupyter_swarm.api.server import ApiServer
+    from jupyter_swarm.client.model import AutoDistributedModelForCausalLM
+    from jupyter_swarm.demo import demo_model_path
+
+    path = demo_model_path(args.model) or args.model
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=args.initial_peers,
+                                                            model_prefix=args.model_prefix, swarm_key=args.swarm_key)
+    try:
+        name = args.model_name or os.path.basename(os.path.normpath(path))
+        server = ApiServer(model, AutoTokenizer.from_pretrained(path), name, host=args.host, port=args.port)
+        print(f"OpenAI-compatible API for {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", flush=True)
+        server.run()
+    finally:
+        model.close()
+    return 0
 
 
 def _stop_when_parent_exits(server: object) -> None:

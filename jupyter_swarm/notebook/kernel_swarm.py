@@ -32,6 +32,7 @@ class KernelSwarm:
         self.serving = KernelServing(self.connection)
         self.publisher = StatePublisher(self.snapshot, active=self._active, on_request=self._handle_request,
                                         refresh=self._refresh_map)
+        self.api: Any = None  # the OpenAI-compatible API server (jupyter_swarm.api.server.ApiServer), if started
         atexit.register(self.shutdown)
 
     # ---- what notebooks use -----------------------------------------------------------------------------
@@ -87,7 +88,8 @@ class KernelSwarm:
         return model_obj
 
     def disconnect(self) -> None:
-        """Leave the swarm: stop generating and serving, close the client, stop the local swarm."""
+        """Leave the swarm: stop the API, generating and serving, close the client, stop the local swarm."""
+        self.stop_api()
         self.generation.stop_generation()
         self.serving.stop_serving(wait=True)
         self.connection.disconnect()
@@ -110,6 +112,26 @@ class KernelSwarm:
     def stop_serving(self, wait: bool = True) -> None:
         """Stop the served span (announces it offline)."""
         self.serving.stop_serving(wait)
+
+    def start_api(self, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+        """Serve an OpenAI-compatible API for the connected model from this kernel (background); returns its URL."""
+        import os
+
+        from jupyter_swarm.api.server import ApiServer
+        from jupyter_swarm.errors import ConfigurationError
+
+        model = self.connection.require_model()
+        if self.api is not None:
+            raise ConfigurationError(f"the API already runs on {self.api.url}: `%swarm api --stop` first")
+        name = os.path.basename(os.path.normpath(self.connection.model_path or "model"))
+        self.api = ApiServer(model, self.connection.tokenizer, name, host=host, port=port).start()
+        return self.api.url
+
+    def stop_api(self) -> None:
+        """Stop the API (if it runs)."""
+        api, self.api = self.api, None
+        if api is not None:
+            api.stop()
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able picture of the swarm as this kernel knows it (what the Jupyter server shows)."""

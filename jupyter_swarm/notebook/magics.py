@@ -24,6 +24,7 @@ DESCRIPTION = """Drive a swarm from this notebook. Subcommands:
   serve [--blocks auto|A:B] [--device D]        serve blocks from this kernel, in the background
   stop                                          stop serving
   map | widget | panel                          live swarm map, generation widget, serve panel
+  api [--port N] [--stop]                       an OpenAI-compatible API for the connected model (background)
   disconnect                                    leave the swarm (stops serving and any local swarm)
 Run `%swarm SUBCOMMAND --help` for the options of one subcommand."""
 
@@ -87,6 +88,10 @@ def build_parser() -> _Parser:
     widget.add_argument("--prompt", default="Once upon a time")
     widget.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     sub.add_parser("panel", help="serve panel (contribute this GPU / machine)")
+    api = sub.add_parser("api", help="serve an OpenAI-compatible API for the connected model (background)")
+    api.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--stop", action="store_true", help="stop the API")
     sub.add_parser("disconnect", help="leave the swarm")
     return parser
 
@@ -282,6 +287,19 @@ class SwarmMagics(Magics):
         from jupyter_swarm.notebook.widgets import ServePanel
 
         return ServePanel()
+
+    def _api(self, args: argparse.Namespace, cell: str | None) -> None:
+        swarm = get_kernel_swarm()
+        if args.stop:
+            was = swarm.api is not None
+            swarm.stop_api()
+            print("stopped the API" if was else "the API was not running")
+            return
+        url = swarm.start_api(host=args.host, port=args.port)
+        name = swarm.api.engine.model_name
+        print(f"OpenAI-compatible API for {name} on {url} (background; `%swarm api --stop` stops it)\n"
+              f"  from openai import OpenAI; client = OpenAI(base_url={url!r}, api_key='unused')\n"
+              f"  client.chat.completions.create(model={name!r}, messages=[{{'role': 'user', 'content': 'Hi'}}])")
 
     def _disconnect(self, args: argparse.Namespace, cell: str | None) -> None:
         get_kernel_swarm().disconnect()

@@ -112,6 +112,25 @@ def test_generate_streams_tokens(kernel: Kernel) -> None:
     assert "6 tokens in" in kernel.stdout(out) and not errors(out)
 
 
+def test_openai_api_from_the_kernel(kernel: Kernel) -> None:
+    import httpx
+
+    out = kernel.run("%swarm api --port 0")
+    assert not errors(out), out
+    url = kernel.stdout(out).split(" on ", 1)[1].split(" ", 1)[0]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), url
+    reply = httpx.post(f"{url}/completions", json={"model": "tiny-llama", "prompt": "Once upon a time",
+                                                   "max_tokens": 5, "temperature": 0}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 5
+    out = kernel.run("%swarm api")
+    assert "already runs on" in kernel.stderr(out)
+    out = kernel.run("%swarm api --stop")
+    assert "stopped the API" in kernel.stdout(out)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/models", timeout=5)
+
+
 def test_interrupt_stops_only_the_generation(kernel: Kernel) -> None:
     interrupted = []
 

@@ -115,7 +115,8 @@ def test_throughput_is_cached_per_quant_type(model, tmp_path, monkeypatch):
 
     monkeypatch.setenv(throughput.CACHE_ENV, str(tmp_path / "throughput.json"))
     measured = []
-    monkeypatch.setattr(throughput, "measure_compute", lambda span: measured.append(span.quant_type) or (1.0, 2.0))
+    monkeypatch.setattr(throughput, "measure_compute",
+                        lambda span, **options: measured.append(span.quant_type) or (1.0, 2.0))
     for quant_type in ("none", "nf4", "none", "nf4", "int8"):
         throughput.get_throughput(BlockSpan.load(model, 0, 1, quant_type=quant_type))
     assert measured == [QuantType.NONE, QuantType.NF4, QuantType.INT8]
