@@ -139,9 +139,13 @@ class GenerationWidget(widgets.VBox):
         self.add_class("jupyter-swarm-generation")
 
     def _render_output(self, cursor: bool) -> None:
+        from jupyter_swarm.client.chat import has_chat_template
+
+        # a chat model answers the prompt (on its own line); a plain model continues it
+        gap = "\n\n" if has_chat_template(self.swarm.tokenizer) else ""
         self.output.value = (
             "<pre style='white-space:pre-wrap;border:1px solid #ddd;padding:6px;min-height:3em;margin:4px 0'>"
-            f"<span style='color:{GREY}'>{html.escape(self.prompt.value)}</span>{html.escape(self.text)}"
+            f"<span style='color:{GREY}'>{html.escape(self.prompt.value + gap)}</span>{html.escape(self.text)}"
             + ("<span style='color:#1976d2'>&#9612;</span>" if cursor else "") + "</pre>")
 
     def generate(self) -> None:

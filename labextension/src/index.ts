@@ -1,8 +1,5 @@
-import {
-  ILabShell,
-  JupyterFrontEnd,
-  JupyterFrontEndPlugin
-} from '@jupyterlab/application';
+import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ServerConnection } from '@jupyterlab/services';
@@ -285,17 +282,22 @@ class SwarmStatus extends Widget {
   }
 }
 
+const SHOW_PANEL = 'jupyter-swarm:show-panel';
+
+/**
+ * Works in JupyterLab and in Notebook 7: it needs only the application shell (both have a left area), and uses
+ * the status bar (Lab only), the notebook tracker and the command palette when they are there.
+ */
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-swarm-labextension:plugin',
-  description: 'Swarm sidebar panel and status-bar item for jupyter-swarm',
+  description: 'Swarm sidebar panel and status-bar item for jupyter-swarm (JupyterLab and Notebook 7)',
   autoStart: true,
-  requires: [ILabShell],
-  optional: [IStatusBar, INotebookTracker],
+  optional: [IStatusBar, INotebookTracker, ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
-    shell: ILabShell,
     statusBar: IStatusBar | null,
-    notebooks: INotebookTracker | null
+    notebooks: INotebookTracker | null,
+    palette: ICommandPalette | null
   ) => {
     const model = new SwarmModel();
     if (notebooks) {
@@ -303,10 +305,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
       notebooks.currentChanged.connect(() => void model.poll());
     }
     const panel = new SwarmPanel(model);
-    shell.add(panel, 'left', { rank: 900 });
+    app.shell.add(panel, 'left', { rank: 900 });
+    app.commands.addCommand(SHOW_PANEL, {
+      label: 'Show the Swarm panel',
+      execute: () => app.shell.activateById(panel.id)
+    });
+    if (palette) {
+      palette.addItem({ command: SHOW_PANEL, category: 'Swarm' });
+    }
     if (statusBar) {
       const item = new SwarmStatus(model);
-      item.node.onclick = () => shell.activateById(panel.id);
+      item.node.onclick = () => app.shell.activateById(panel.id);
       statusBar.registerStatusItem('jupyter-swarm-labextension:status', {
         item,
         align: 'left',

@@ -1,4 +1,5 @@
-"""JupyterLab in a real browser (Playwright driving Debian's Chromium): the quickstart as a user runs it.
+"""JupyterLab and Notebook 7 in a real browser (Playwright driving Debian's Chromium): the quickstart as a user
+runs it, with the real SmolLM2 model.
 
 Screenshots go to test-artifacts/browser/ (look at them: they are what a user sees).
 Skipped when Chromium or Playwright is missing (the README's test command installs both).
@@ -50,10 +51,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
-    """A JupyterLab server on 127.0.0.1 with the quickstart notebook in its root directory."""
-    tmp = tmp_path_factory.mktemp("lab")
+def _jupyter(tmp_path_factory: pytest.TempPathFactory, app: str):
+    """A Jupyter server (``app``: "lab" for JupyterLab, "notebook" for Notebook 7) on 127.0.0.1 with the example
+    notebooks in its root directory; yields (url, tmp) and stops it (which stops its kernels)."""
+    tmp = tmp_path_factory.mktemp(app)
     root = tmp / "root"
     root.mkdir()
     for name in ("quickstart.ipynb", "contribute.ipynb"):
@@ -65,11 +66,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     port = _free_port()
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
            "JUPYTER_SWARM_STATE_DIR": str(tmp / "swarm-state")}
-    log = open(tmp / "lab.log", "w")
+    log = open(tmp / f"{app}.log", "w")
+    no_update_check = ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"] if app == "lab" else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+        [sys.executable, "-m", "jupyter", app, "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
          f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}",
-         f"--ServerApp.root_dir={root}", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--ServerApp.root_dir={root}", *no_update_check,
          "--ServerApp.jpserver_extensions={'jupyter_swarm_server': True}"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -81,7 +83,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError("JupyterLab did not start:\n" + (tmp / "lab.log").read_text()[-3000:])
+                raise RuntimeError(f"jupyter {app} did not start:\n" + (tmp / f"{app}.log").read_text()[-3000:])
             time.sleep(0.5)
     yield url, tmp
     # shutting the server down shuts the kernel down, which must stop its local swarm and served blocks
@@ -91,6 +93,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    """JupyterLab with the example notebooks."""
+    yield from _jupyter(tmp_path_factory, "lab")
+
+
+@pytest.fixture(scope="module")
+def notebook7(tmp_path_factory: pytest.TempPathFactory):
+    """Notebook 7 (the `notebook` package) with the example notebooks."""
+    yield from _jupyter(tmp_path_factory, "notebook")
 
 
 @pytest.fixture(scope="module")
@@ -126,35 +140,35 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
-def _run_cell_containing(page, text: str) -> None:
+def _run_cell_containing(page, text: str, notebook: str = NOTEBOOK) -> None:
     """Click into the code cell whose source contains ``text`` and run it with Shift+Enter."""
-    cell = page.locator(NOTEBOOK + " .jp-CodeCell", has=page.locator(".cm-content", has_text=text)).first
+    cell = page.locator(notebook + " .jp-CodeCell", has=page.locator(".cm-content", has_text=text)).first
     cell.scroll_into_view_if_needed()
     cell.locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
 
 
-def test_quickstart_in_jupyterlab(page, lab) -> None:
+def test_quickstart_in_jupyterlab(page, lab, smollm2_dir) -> None:
     nb = page.locator(NOTEBOOK)
     # ---- the sidebar and status bar know nothing yet ------------------------------------------------------
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('Swarm: not connected')")
 
     # ---- run the quickstart cells like a user: Shift+Enter, one after another --------------------------------
-    for text in ("%load_ext jupyter_swarm", "%swarm connect tiny --local"):
+    for text in ("%load_ext jupyter_swarm", "%swarm connect demo --local"):
         _run_cell_containing(page, text)
     summary = nb.locator(".jupyter-swarm-summary")
     summary.filter(has_text="all blocks covered").wait_for(timeout=180_000)
-    assert summary.locator(".jupyter-swarm-block").count() == 8
+    assert summary.locator(".jupyter-swarm-block").count() == 30  # SmolLM2-135M-Instruct
     # the server extension sees this kernel's swarm, under the kernel's own id (the sidebar follows the notebook)
     [kernel] = _api(lab, "GET", "/api/kernels")
     deadline = time.monotonic() + 30
     while not (states := [k for k in _api(lab, "GET", "/swarm/state")["kernels"] if k.get("num_blocks")]):
         assert time.monotonic() < deadline, "the kernel's swarm state never reached the server"
         time.sleep(0.5)
-    assert states[0]["kernel_id"] == kernel["id"] and states[0]["num_blocks"] == 8
+    assert states[0]["kernel_id"] == kernel["id"] and states[0]["num_blocks"] == 30
     shot(page, "01-connected")
 
-    for text in ("%swarm status", "%swarm peers", "%swarm route", '%swarm generate "Once upon a time"'):
+    for text in ("%swarm status", "%swarm peers", "%swarm route", '%swarm generate "Tell me a short story'):
         _run_cell_containing(page, text)
     nb.locator(".jp-OutputArea-output", has_text="tokens/s").first.wait_for(timeout=120_000)
     assert nb.locator(".jupyter-swarm-table tr").count() == 4  # header + 3 servers
@@ -183,18 +197,19 @@ def test_quickstart_in_jupyterlab(page, lab) -> None:
     gen.locator(".jupyter-swarm-stats", has_text="(stopped)").wait_for(timeout=60_000)
     assert gen.locator("button.jupyter-swarm-generate").is_enabled()
     shot(page, "04-generation-stopped")
-    gen.locator(".jupyter-swarm-prompt textarea").fill("The swarm")
+    gen.locator(".jupyter-swarm-prompt textarea").fill("What is the capital of France?")
     gen.locator("button.jupyter-swarm-generate").click()
     # (the stopped run's stats also say "ms per token": wait for the new run's, which is not stopped)
     gen.locator(".jupyter-swarm-stats", has_text=re.compile(r"ms per token(?!.*stopped)")).wait_for(timeout=120_000)
     assert gen.locator(".jupyter-swarm-route").inner_text().startswith("route: client")
+    assert "Paris" in gen.locator(".jupyter-swarm-output").inner_text()  # the real model's answer
     shot(page, "05-generation-done")
 
-    # ---- the live swarm map: 8 blocks, a coverage heatmap and a routing graph -----------------------------
+    # ---- the live swarm map: 30 blocks, a coverage heatmap and a routing graph ----------------------------
     _run_cell_containing(page, "%swarm map")
     swarm_map = nb.locator(".jupyter-swarm-map")
     swarm_map.locator(".jupyter-swarm-coverage").wait_for(timeout=60_000)
-    assert swarm_map.locator(".jupyter-swarm-block").count() == 8
+    assert swarm_map.locator(".jupyter-swarm-block").count() == 30
     swarm_map.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
     assert swarm_map.locator(".js-plotly-plot").count() == 2
     swarm_map.scroll_into_view_if_needed()
@@ -204,9 +219,9 @@ def test_quickstart_in_jupyterlab(page, lab) -> None:
     page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab[data-id='jupyter-swarm-panel']").click()
     panel = page.locator("#jupyter-swarm-panel")
     panel.locator(".jp-SwarmPanel-count").first.wait_for(timeout=30_000)
-    assert panel.locator(".jp-SwarmPanel-count").count() == 8
+    assert panel.locator(".jp-SwarmPanel-count").count() == 30
     assert panel.locator(".jp-SwarmPanel-server").count() == 3
-    page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('tiny-llama')")
+    page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('SmolLM2-135M-Instruct')")
     shot(page, "07-sidebar")
     button = panel.locator(".jp-SwarmPanel-serveButton")
     assert button.inner_text() in ("Contribute this machine", "Contribute this GPU")
@@ -222,7 +237,7 @@ def test_quickstart_in_jupyterlab(page, lab) -> None:
 
     # ---- and the kernel keeps working while it serves: the next cell runs through the swarm --------------
     _run_cell_containing(page, "swarm.model.generate")
-    nb.locator(".jp-OutputArea-output", has_text="Hello").first.wait_for(timeout=120_000)
+    nb.locator(".jp-OutputArea-output", has_text="Paris").first.wait_for(timeout=120_000)
     button.click()  # Stop serving
     panel.locator(".jp-SwarmPanel-serveStatus", has_text="Not serving").wait_for(timeout=60_000)
     panel.locator(".jp-SwarmPanel-server", has_text="(you)").wait_for(state="detached", timeout=60_000)
@@ -282,3 +297,60 @@ def test_contribute_fills_a_hole(browser, lab, page) -> None:
         _api(lab, "DELETE", f"/api/kernels/{kernel['id']}")
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('Swarm: not connected')", timeout=60_000)
     page.close()
+
+
+def test_quickstart_in_notebook7(browser, notebook7, smollm2_dir) -> None:
+    """The same notebook in Notebook 7: the chat widget streams the real model's answer; the Swarm panel shows."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{notebook7[0]}/notebooks/quickstart.ipynb?token={TOKEN}")
+        page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-CodeCell")
+        nb = page.locator(".jp-NotebookPanel .jp-Notebook")
+        _run_until_it_counts(page, "%load_ext jupyter_swarm")  # the first Shift+Enter may come before the kernel
+        _run_cell_containing(page, "%swarm connect demo --local", notebook=".jp-NotebookPanel .jp-Notebook")
+        nb.locator(".jupyter-swarm-summary").filter(has_text="all blocks covered").wait_for(timeout=180_000)
+        _run_cell_containing(page, "%swarm widget", notebook=".jp-NotebookPanel .jp-Notebook")
+        gen = nb.locator(".jupyter-swarm-generation")
+        gen.wait_for(timeout=60_000)
+        gen.scroll_into_view_if_needed()
+        gen.locator(".jupyter-swarm-prompt textarea").fill("What is the capital of France?")
+        gen.locator("button.jupyter-swarm-generate").click()
+        output = gen.locator(".jupyter-swarm-output")
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(seen) < 3:
+            text = output.inner_text()
+            if len(text) > len("What is the capital of France?") + 2 and (not seen or text != seen[-1]):
+                seen.append(text)
+            time.sleep(0.02)
+        assert len(seen) >= 3, f"the answer did not stream: {seen}"
+        shot(page, "nb7-01-chat-streaming")
+        gen.locator(".jupyter-swarm-stats", has_text="ms per token").wait_for(timeout=120_000)
+        assert "The capital of France is Paris." in output.inner_text()
+        shot(page, "nb7-02-chat-answered")
+        # the Swarm panel, in Notebook 7's left area, opened from the command palette
+        page.keyboard.press("Control+Shift+C")
+        page.keyboard.type("Show the Swarm panel")
+        page.keyboard.press("Enter")
+        panel = page.locator("#jupyter-swarm-panel")
+        panel.locator(".jp-SwarmPanel-count").first.wait_for(timeout=30_000)
+        assert panel.locator(".jp-SwarmPanel-count").count() == 30
+        assert panel.locator(".jp-SwarmPanel-server").count() == 3
+        assert "all blocks covered" in panel.locator(".jp-SwarmPanel-header").inner_text()
+        shot(page, "nb7-03-swarm-panel")
+    finally:
+        page.close()
+
+
+def _run_until_it_counts(page, text: str, notebook: str = ".jp-NotebookPanel .jp-Notebook") -> None:
+    """Run the cell with ``text`` until its prompt shows an execution count (the kernel may not be ready yet)."""
+    cell = page.locator(notebook + " .jp-CodeCell", has=page.locator(".cm-content", has_text=text)).first
+    for _ in range(6):
+        _run_cell_containing(page, text, notebook=notebook)
+        try:
+            cell.locator(".jp-InputPrompt", has_text=re.compile(r"\[\d+\]")).wait_for(timeout=15_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not run yet, press again
+            continue
+    raise AssertionError(f"the cell {text!r} never ran")
