@@ -184,10 +184,13 @@ class SwarmPanel extends Widget {
     const servers = k.servers || [];
     const top = Math.max(1, ...servers.map(s => s.throughput));
     const grid = el('div', 'jp-SwarmPanel-grid');
-    grid.style.gridTemplateColumns = `90px repeat(${n}, 1fr)`;
+    // columns may shrink below their text: a narrow panel still shows every block of a big model
+    grid.style.gridTemplateColumns = `90px repeat(${n}, minmax(0, 1fr))`;
+    const dense = n > 16; // then only every fifth block is numbered, and counts are in the tooltips
     grid.appendChild(el('div', 'jp-SwarmPanel-label', 'block'));
     for (let b = 0; b < n; b++) {
-      grid.appendChild(el('div', 'jp-SwarmPanel-label', String(b)));
+      const label = el('div', 'jp-SwarmPanel-label jp-SwarmPanel-blockNumber', !dense || b % 5 === 0 ? String(b) : '');
+      grid.appendChild(label);
     }
     for (const s of servers) {
       const own = s.peer_id === k.own_peer_id;
@@ -206,7 +209,7 @@ class SwarmPanel extends Widget {
     }
     grid.appendChild(el('div', 'jp-SwarmPanel-label', 'servers'));
     (k.coverage || []).forEach((c, b) => {
-      const cell = el('div', 'jp-SwarmPanel-count', String(c));
+      const cell = el('div', 'jp-SwarmPanel-count', dense ? '' : String(c));
       cell.classList.add(c === 0 ? 'jp-mod-hole' : 'jp-mod-covered');
       cell.dataset.block = String(b);
       cell.title = `block ${b}: ${c} server(s)`;
