@@ -10,6 +10,9 @@ import time
 from collections.abc import Sequence
 
 from jupyter_swarm.errors import SwarmError
+from jupyter_swarm.p2p.reachability import NetworkOptions
+from jupyter_swarm.p2p.relay_service import RelayServiceLimits
+from jupyter_swarm.p2p.host import parse_peer_multiaddr
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_TYPES = ("auto", "none", "int8", "nf4", "fp4")  # jupyter_swarm.models.quantization.QuantType, plus auto
@@ -28,6 +31,58 @@ def add_allow_peers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-peers", nargs="+", default=None, metavar="PEER_ID",
                         help="connect only with these peer ids, servers and clients alike (clients keep a stable "
                              "peer id with an identity file); default: any peer of the swarm")
+INITIAL_PEERS_HELP = "addresses of peers already in the swarm (default: $JUPYTER_SWARM_INITIAL_PEERS)"
+
+
+def add_network_options(parser: argparse.ArgumentParser, *, bootstrap: bool = False) -> None:
+    """Reachability options (p2p/reachability.py): relays, the relay service and its limits, hole punching."""
+    group = parser.add_argument_group("reachability (behind NAT, and helping peers that are)")
+    if not bootstrap:
+        group.add_argument("--no-relay", action="store_true",
+                           help="never take relay slots: behind NAT, only peers that can dial this one directly "
+                                "(or hole-punch to it) reach it")
+        group.add_argument("--relay", nargs="+", default=[], metavar="MADDR",
+                           help="take relay slots only on these peers (default: public peers of the swarm)")
+        group.add_argument("--no-hole-punching", action="store_true",
+                           help="keep relayed connections relayed (no DCUtR)")
+    group.add_argument("--no-relay-service", action="store_true",
+                       help="do not relay for peers behind NAT (" + ("on by default for a bootstrap node)"
+                                                                     if bootstrap else
+                                                                     "by default a server relays once other peers "
+                                                                     "confirm it is public)"))
+    defaults = RelayServiceLimits()
+    group.add_argument("--relay-max-reservations", type=int, default=defaults.max_reservations, metavar="N",
+                       help=f"relay service: peers holding a slot at once (default {defaults.max_reservations})")
+    group.add_argument("--relay-max-circuits", type=int, default=defaults.max_circuits_per_peer, metavar="N",
+                       help="relay service: open circuits to, and from, one peer "
+                            f"(default {defaults.max_circuits_per_peer})")
+    group.add_argument("--relay-circuit-mib", type=int, default=defaults.max_circuit_bytes >> 20, metavar="MIB",
+                       help=f"relay service: bytes per circuit, both ways (default {defaults.max_circuit_bytes >> 20}; "
+                            "0: no limit)")
+    group.add_argument("--relay-circuit-seconds", type=int, default=defaults.max_circuit_seconds, metavar="S",
+                       help=f"relay service: lifetime of a circuit (default {defaults.max_circuit_seconds}; 0: none)")
+
+
+def network_options(args: argparse.Namespace, *, bootstrap: bool = False) -> "NetworkOptions":
+    """The NetworkOptions the parsed reachability options ask for."""
+    from jupyter_swarm.errors import ConfigurationError
+
+    for name in ("relay_max_reservations", "relay_max_circuits"):
+        if getattr(args, name) < 1:
+            raise ConfigurationError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.relay_circuit_mib < 0 or args.relay_circuit_seconds < 0:
+        raise ConfigurationError("--relay-circuit-mib and --relay-circuit-seconds must be >= 0 (0: no limit)")
+    limits = RelayServiceLimits(max_reservations=args.relay_max_reservations,
+                                max_circuits_per_peer=args.relay_max_circuits,
+                                max_circuit_bytes=args.relay_circuit_mib << 20,
+                                max_circuit_seconds=args.relay_circuit_seconds)
+    if bootstrap:
+        return NetworkOptions(use_relays=False, relay_service=not args.no_relay_service, relay_limits=limits)
+    for address in args.relay:
+        parse_peer_multiaddr(address)
+    return NetworkOptions(use_relays=not args.no_relay, relays=list(args.relay),
+                          relay_service=False if args.no_relay_service else None, relay_limits=limits,
+                          hole_punching=not args.no_hole_punching)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Load blocks of MODEL and serve them until Ctrl-C. Prints the addresses "
                                        "other peers can use as --initial-peers.")
     serve.add_argument("model", help="a local model directory or a hub id")
-    peers = serve.add_mutually_exclusive_group(required=True)
+    peers = serve.add_mutually_exclusive_group()
     peers.add_argument("--new-swarm", action="store_true", help="start a new swarm (this server is its first peer)")
-    peers.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="addresses of peers already in the swarm")
+    peers.add_argument("--initial-peers", nargs="+", metavar="MADDR", help=INITIAL_PEERS_HELP)
     serve.add_argument("--blocks", default=None, metavar="START:END|auto",
                        help="blocks to serve, e.g. 0:4 serves blocks 0-3; 'auto' (the default) places the span "
                             "where the swarm's per-block throughput is lowest and moves it when that helps the swarm")
@@ -56,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bandwidth-mbps", type=float, default=None, metavar="MBIT/S",
                        help="network bandwidth used in the announced throughput (default: measured "
                             "against an initial peer; 100 for a new swarm)")
-    serve.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
-                       help="addresses to listen on (default: loopback, a free port); "
-                            "use /ip4/0.0.0.0/tcp/31337 to accept other machines")
+    serve.add_argument("--listen", nargs="+", default=None, metavar="MADDR",
+                       help="addresses to listen on (default: a free port on loopback for a local swarm, on every "
+                            "interface when the initial peers are elsewhere); e.g. /ip4/0.0.0.0/tcp/31337")
     serve.add_argument("--announce", nargs="+", default=[], metavar="MADDR",
                        help="public addresses to advertise instead of the listen addresses")
     serve.add_argument("--identity", default=None, metavar="PATH",
@@ -88,9 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_swarm_key_option(serve)
     add_allow_peers_option(serve)
 
+    add_network_options(serve)
+
+    bootstrap = sub.add_parser("bootstrap", help="run a bootstrap node: records, relaying and AutoNAT, no blocks",
+                               description="Run a public peer that holds no blocks but keeps the swarm's records, "
+                                           "relays for servers and notebooks behind NAT and tells peers whether "
+                                           "they are reachable. Prints the addresses others use as "
+                                           "--initial-peers (or in $JUPYTER_SWARM_INITIAL_PEERS).")
+    bootstrap.add_argument("--listen", nargs="+", default=None, metavar="MADDR",
+                           help="addresses to listen on (default /ip4/0.0.0.0/tcp/31337)")
+    bootstrap.add_argument("--announce", nargs="+", default=[], metavar="MADDR",
+                           help="public addresses to advertise instead of the interfaces' addresses")
+    bootstrap.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                           help="other bootstrap nodes of the same swarm")
+    bootstrap.add_argument("--identity", default=None, metavar="PATH",
+                           help="Ed25519 key file; created if missing, so the address survives restarts")
+    bootstrap.add_argument("--stop-with-parent", action="store_true",
+                           help="stop when the process that started this one exits")
+    add_swarm_key_option(bootstrap)
+    add_network_options(bootstrap, bootstrap=True)
+
     status = sub.add_parser("status", help="show which servers hold which blocks",
                             description="Print every model the swarm serves, its coverage and its servers.")
-    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    status.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR", help=INITIAL_PEERS_HELP)
     status.add_argument("--model-prefix", default=None, help="show only this model")
     status.add_argument("--json", action="store_true", help="print JSON: per model, its blocks, coverage, missing "
                                                            "blocks and every server's record")
@@ -151,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keygen(args)
         if args.command == "api":
             return _api(args)
+        if args.command == "bootstrap":
+            return _bootstrap(args)
         return _demo(args)
     except SwarmError as e:
         print(f"jupyter-swarm {args.command}: error: {e}", file=sys.stderr)
@@ -162,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
-    from jupyter_swarm.models import load_model_config
     from jupyter_swarm.errors import ConfigurationError
+    from jupyter_swarm.models import load_model_config
+    from jupyter_swarm.p2p.addresses import INITIAL_PEERS_ENV, resolve_initial_peers
     from jupyter_swarm.runtime.server import BlockServer, ServerConfig, num_blocks_of, parse_blocks_option
 
     if args.torch_threads:
@@ -178,8 +256,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.balance_period < 0 or args.update_period <= 0:
         raise ConfigurationError("--update-period must be > 0 and --balance-period >= 0 seconds")
     start, end = span if span is not None else (None, None)
+    initial_peers = [] if args.new_swarm else resolve_initial_peers(args.initial_peers)
+    if not args.new_swarm and not initial_peers:
+        raise ConfigurationError(f"give --initial-peers MADDR... (or set {INITIAL_PEERS_ENV}) to join a swarm, or "
+                                 "--new-swarm to start one")
     config = ServerConfig(
-        model=args.model, start=start, end=end, initial_peers=args.initial_peers or [], listen=args.listen,
+        model=args.model, start=start, end=end, initial_peers=initial_peers, listen=args.listen,
         announce_addrs=args.announce, identity_path=args.identity,
         dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
         quant_type=args.quant_type,
@@ -187,7 +269,8 @@ def _serve(args: argparse.Namespace) -> int:
         update_period=args.update_period, model_prefix=args.model_prefix, throughput=args.throughput,
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
         memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters,
-        swarm_key=args.swarm_key, allowed_peers=args.allow_peers, progress=sys.stderr.isatty())
+        swarm_key=args.swarm_key, allowed_peers=args.allow_peers, progress=sys.stderr.isatty(),
+        network=network_options(args))
     server = BlockServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     if args.stop_with_parent:
@@ -195,11 +278,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.start()
     print(f"serving blocks {server.start_block}:{server.end_block} of {server.prefix} ({total} blocks, "
           f"quant type {server.quant_type.value}); connect with:", flush=True)
-    for address in server.addrs:
-        print(f"  {address}", flush=True)
-    if server.swarm_key is not None:
-        print(f"private swarm (swarm key {server.swarm_key.fingerprint}): peers need the same key file", flush=True)
-    print("ready", flush=True)
+    _print_addresses(server.node, server.swarm_key)
     try:
         server.run_forever()
     except KeyboardInterrupt:
@@ -239,6 +318,42 @@ def _api(args: argparse.Namespace) -> int:
         server.run()
     finally:
         model.close()
+
+
+def _print_addresses(node: object, swarm_key: object = None) -> None:
+    """The addresses other peers use (``serve`` and ``bootstrap`` print them alike), this peer's reachability, the
+    swarm key's fingerprint of a private swarm, and "ready" (which local swarms wait for)."""
+    for address in node.addrs:  # type: ignore[attr-defined]
+        print(f"  {address}", flush=True)
+    reach = node.call_sync(lambda: node.reach.summary())  # type: ignore[attr-defined]
+    relays = f" through {', '.join(reach['relays'])}" if reach["relays"] else ""
+    print(f"reachability: {reach['status']}{relays}; relaying for others: {'yes' if reach['relaying'] else 'no'}",
+          flush=True)
+    if swarm_key is not None:
+        print(f"private swarm (swarm key {swarm_key.fingerprint}): peers need the same key file",  # type: ignore
+              flush=True)
+    print("ready", flush=True)
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from jupyter_swarm.runtime.bootstrap import DEFAULT_BOOTSTRAP_LISTEN, BootstrapConfig, BootstrapNode
+
+    config = BootstrapConfig(listen=args.listen or [DEFAULT_BOOTSTRAP_LISTEN], initial_peers=args.initial_peers,
+                             announce_addrs=args.announce, identity_path=args.identity, swarm_key=args.swarm_key,
+                             network=network_options(args, bootstrap=True))
+    node = BootstrapNode(config)
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
+    if args.stop_with_parent:
+        _stop_when_parent_exits(node)
+    node.start()
+    print("bootstrap node (no blocks: records, relaying, AutoNAT); peers join with --initial-peers:", flush=True)
+    _print_addresses(node.node, node.node.swarm_key)
+    try:
+        node.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
     return 0
 
 
@@ -261,7 +376,7 @@ def _stop_when_parent_exits(server: object) -> None:
 def _status(args: argparse.Namespace) -> int:
     from jupyter_swarm.client.status import format_status, map_summary, read_swarm_status
 
-    maps = read_swarm_status(args.initial_peers, args.model_prefix, swarm_key=args.swarm_key)
+    maps = read_swarm_status(args.initial_peers or [], args.model_prefix, swarm_key=args.swarm_key)
     if args.json:
         import json
 

@@ -28,17 +28,20 @@ class ServerProcess:
     """One `jupyter-swarm serve` subprocess and the addresses it printed."""
 
     def __init__(self, model: str, start: int | None, end: int | None, *, initial_peers: Sequence[str] = (),
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None, new_session: bool = False):
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None, new_session: bool = False,
+                 launcher: Sequence[str] = ()):
+        """``launcher``: a command prefix, e.g. ``ip netns exec NS`` to run the server in a network namespace."""
         self.start_block, self.end_block = start, end  # None: automatic placement (known once it printed its span)
         peers = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
-        self.command = [sys.executable, "-m", "jupyter_swarm.cli", "serve", model, *blocks, *peers,
+        self.command = [*launcher, sys.executable, "-m", "jupyter_swarm.cli", "serve", model, *blocks, *peers,
                         "--stop-with-parent", *extra_args]
         # new_session: a Ctrl-C (SIGINT) sent to the parent's process group, e.g. a Jupyter kernel interrupt,
         # does not reach the servers; they stop only when told to (stop(), or the parent's exit handlers).
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})}, start_new_session=new_session)
         self.addrs: list[str] = []
+        self.reachability: str | None = None  # as printed at start (p2p/reachability.py's statuses)
         self.output: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -51,6 +54,8 @@ class ServerProcess:
             stripped = line.strip()
             if stripped.startswith("/ip4/") or stripped.startswith("/ip6/"):
                 self.addrs.append(stripped)
+            elif stripped.startswith("reachability: "):
+                self.reachability = stripped.split()[1].rstrip(";")
             elif stripped.startswith("serving blocks "):
                 first, last = stripped.split()[2].split(":")
                 self.start_block, self.end_block = int(first), int(last)

@@ -17,8 +17,10 @@ from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
 from jupyter_swarm.models.quantization import parse_quant_type
+from jupyter_swarm.p2p.addresses import INITIAL_PEERS_ENV, default_listen, resolve_initial_peers
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
+from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.wire.messages import Message, decode
@@ -35,34 +37,26 @@ FIRST_PING_TIMEOUT = 1.0
 
 def join_swarm(initial_peers: Sequence[str], *, swarm_key: str | SwarmKey | None = None,
                identity: KeyPair | None = None) -> P2PNode:
-    """Start a client libp2p node (no DHT serving) and connect it to the swarm through ``initial_peers``.
+    """Start a client libp2p node (no DHT serving) and connect it to the swarm through ``initial_peers`` (default:
+    ``$JUPYTER_SWARM_INITIAL_PEERS``). It listens on every interface unless the swarm is on loopback, so that it
+    can hole-punch to servers behind NAT; it never takes relay slots or relays for others.
 
     ``swarm_key``: the key file of a private swarm (default: the file named by ``$JUPYTER_SWARM_KEY``, if set).
     """
+    initial_peers = resolve_initial_peers(initial_peers)
     if not initial_peers:
         raise ConfigurationError(
-            "initial_peers is empty: pass the /ip4/.../p2p/... address a server printed "
-            "(or run `jupyter-swarm demo` for a local swarm)")
-    node = P2PNode(dht_server=False, swarm_key=resolve_swarm_key(swarm_key), identity=identity).start()
+            "initial_peers is empty: pass the /ip4/.../p2p/... address a server printed, or set "
+            f"{INITIAL_PEERS_ENV} (or run `jupyter-swarm demo` for a local swarm)")
+    network = NetworkOptions(use_relays=False, relay_service=False, autonat=False)
+    node = P2PNode(dht_server=False, swarm_key=resolve_swarm_key(swarm_key), identity=identity,
+                   listen=default_listen(initial_peers), network=network).start()
     try:
-        node.call(_join, node, list(initial_peers))
+        node.call(node.join, list(initial_peers))
     except BaseException:
         node.shutdown()
         raise
     return node
-
-
-async def _join(node: P2PNode, initial_peers: list[str]) -> None:
-    errors = []
-    for address in initial_peers:
-        try:
-            await node.connect(address)
-        except PeerUnavailableError as e:
-            errors.append(str(e))
-    if len(errors) == len(initial_peers):
-        raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
-    with trio.move_on_after(5):
-        await node.dht.refresh_routing_table()  # type: ignore[union-attr]
 
 
 class SwarmClient:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from jupyter_swarm.p2p.reachability import STATUSES as REACHABILITY
+
 logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
@@ -40,6 +42,8 @@ class ServerRecord:
     adapters: list[str] = field(default_factory=list)
     next_pings: dict[str, float] = field(default_factory=dict)  # RTT (s) to servers of the next blocks
     moving_to: int | None = None  # start of the span this server is loading to move to (it still serves start:end)
+    reachability: str = "unknown"  # public, relayed (behind NAT: its addrs include circuits), private, local
+    relay: bool = False  # relays for peers behind NAT
     version: str = ""
     record_version: int = RECORD_VERSION
 
@@ -95,6 +99,12 @@ class ServerRecord:
             moving_to = _int(data, "moving_to")
             if moving_to < 0:
                 raise ValueError(f"moving_to must be a block index, got {moving_to}")
+        reachability = data.get("reachability", "unknown")
+        if reachability not in REACHABILITY:
+            raise ValueError(f"reachability must be one of {', '.join(REACHABILITY)}, got {reachability!r}")
+        relay = data.get("relay", False)
+        if not isinstance(relay, bool):
+            raise TypeError(f"relay must be true or false, got {relay!r}")
         return cls(
             peer_id=peer_id,
             addrs=addrs,
@@ -110,6 +120,8 @@ class ServerRecord:
             adapters=adapters,
             next_pings={str(k): _positive(v, "ping") for k, v in pings.items()},
             moving_to=moving_to,
+            reachability=reachability,
+            relay=relay,
             version=str(data.get("version", "")),
             record_version=_int(data, "record_version", RECORD_VERSION),
         )

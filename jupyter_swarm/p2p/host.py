@@ -30,8 +30,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
+from jupyter_swarm.p2p.addresses import AnnouncedAddresses, all_loopback
 from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
 from jupyter_swarm.p2p.identity import new_identity
+from jupyter_swarm.p2p.reachability import NetworkOptions, Reachability
 from jupyter_swarm.p2p.security import SwarmSecurity, security_options
 from jupyter_swarm.p2p.swarm_key import SwarmKey
 from jupyter_swarm.p2p.yamux_tuning import tune_yamux
@@ -41,6 +43,7 @@ T = TypeVar("T")
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
 
 CONNECT_TIMEOUT = 5.0
+DIAL_TIMEOUT = 15.0  # finding a path to a peer: direct addresses, then its relays
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PEER_ADDR_TTL = 3600
 
@@ -52,10 +55,14 @@ def _is_cancellation(error: BaseException) -> bool:
 
 
 def quiet_libp2p_logs() -> None:
-    """py-libp2p logs ordinary disconnects at ERROR; keep that noise away from users unless asked for."""
+    """py-libp2p logs ordinary disconnects at ERROR; keep that noise away from users unless asked for
+    (``JUPYTER_SWARM_DEBUG_P2P=1``, which also lets its records reach the process's log handlers: py-libp2p's own
+    logging set-up stops them unless ``LIBP2P_DEBUG`` is set)."""
     if not os.environ.get("JUPYTER_SWARM_DEBUG_P2P"):
         for name in ("libp2p", "multiaddr", "async_service"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    else:
+        logging.getLogger("libp2p").propagate = True
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
@@ -79,8 +86,18 @@ def parse_peer_multiaddr(text: str) -> tuple[str, multiaddr.Multiaddr]:
     return str(info.peer_id), addr
 
 
+class _PendingDial:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: PeerUnavailableError | None = None
+
+
 class P2PNode:
-    """A libp2p host (TCP, Noise, yamux) with a Kademlia DHT, owned by a background trio thread."""
+    """A libp2p host (TCP, Noise, yamux) with a Kademlia DHT, owned by a background trio thread.
+
+    Unless it listens on loopback only, it also makes itself reachable (AutoNAT, relays, hole punching:
+    p2p/reachability.py) as ``network`` says.
+    """
 
     def __init__(
         self,
@@ -91,15 +108,20 @@ class P2PNode:
         dht_server: bool = True,
         swarm_key: SwarmKey | None = None,
         allowed_peers: Collection[str] | None = None,
+        network: NetworkOptions | None = None,
     ):
         """``swarm_key``: connect only to peers holding it (a private swarm); ``allowed_peers``: connect only to
-        these peer ids (see p2p/security.py)."""
+        these peer ids (see p2p/security.py); ``network``: reachability (relays, relay service, hole punching)."""
         self.identity = identity or new_identity()
         self.swarm_key = swarm_key
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.security: SwarmSecurity | None = None
         self._listen = [parse_multiaddr(a) for a in listen]
         self._announce = [parse_multiaddr(a) for a in announce]
+        self.network_options = network or NetworkOptions()
+        self.addresses = AnnouncedAddresses(static=self._announce)
+        self.reach: Reachability | None = None
+        self._dials: dict[str, _PendingDial] = {}
         self._dht_mode = DHTMode.SERVER if dht_server else DHTMode.CLIENT
         self._portal_cm: Any = None
         self._portal: BlockingPortal | None = None
@@ -130,23 +152,32 @@ class P2PNode:
         self._stopped = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
         sec_opt, self.security = security_options(self.identity, self.swarm_key, self.allowed_peers)
-        kwargs: dict[str, Any] = {"sec_opt": sec_opt}
-        if self._announce:
-            kwargs["announce_addrs"] = self._announce
         self.host = new_host(
             key_pair=self.identity,
+            sec_opt=sec_opt,
             listen_addrs=self._listen,
-            connection_config=ConnectionConfig(max_connections_per_peer=1),
-            **kwargs,
+            # One connection per peer makes a dial return at once (more wait 250 ms for a second one). The swarm's
+            # auto-connector, which dials random known peers to keep 50 connections, is off: peers connect to
+            # whom they use, and behind NAT most known addresses cannot be dialed anyway.
+            connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0,
+                                               auto_connect_interval=1e9),
+            addrs_factory=self.addresses,  # never 0.0.0.0: interfaces, confirmed public addresses, circuits
         )
         # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
         async with self.host.run(listen_addrs=self._listen):
+            self.addresses.attach(self.host.get_transport_addrs)
+            local = self.network_options.local
+            if local is None:
+                local = all_loopback(str(a) for a in self._listen)
+            self.reach = Reachability(self.host, self.network_options, self.addresses, local=local,
+                                      connect=self.connect)
             self.dht = KadDHT(self.host, self._dht_mode)
             async with background_trio_service(self.dht):
                 for protocol, handler in self._handlers.items():
                     self._install_handler(protocol, handler)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self.reach.run)
                     task_status.started()
                     await self._stopped.wait()
                     nursery.cancel_scope.cancel()
@@ -225,7 +256,7 @@ class P2PNode:
         """Full multiaddrs (with /p2p/<peer id>) that other peers can dial."""
         if self.host is None:
             return []
-        return [str(a) for a in self.host.get_addrs()]
+        return [f"{a}/p2p/{self.peer_id}" for a in self.addresses.announced()]
 
     # ---- handlers, connections and streams --------------------------------------------------------
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -252,25 +283,35 @@ class P2PNode:
         """Tell the peerstore where ``peer_id`` listens (call on the trio thread)."""
         parsed = []
         for a in addrs:
+            text = str(a)
+            if "/p2p-circuit" not in text:
+                text = text.split("/p2p/")[0]
+            elif text.endswith(f"/p2p/{peer_id}"):
+                text = text[:-len(f"/p2p/{peer_id}")]
             try:
-                parsed.append(multiaddr.Multiaddr(str(a).split("/p2p/")[0]))
+                parsed.append(multiaddr.Multiaddr(text))
             except Exception:  # noqa: BLE001 - a peer's bad address is skipped, not fatal
                 logger.warning("ignoring unparsable address %r of peer %s", a, peer_id)
         if parsed:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, _PEER_ADDR_TTL)
 
-    async def connect(self, address: str, timeout: float = CONNECT_TIMEOUT) -> str:
-        """Dial a full peer multiaddr; returns the peer id. Also adds the peer to the DHT routing table."""
+    async def connect(self, address: str, timeout: float = DIAL_TIMEOUT) -> str:
+        """Dial a full peer multiaddr; returns the peer id. Also adds the peer to the DHT routing table and to the
+        relays this peer may reserve slots on."""
         peer_id, addr = parse_peer_multiaddr(address)
         info = info_from_p2p_addr(addr)
+        assert self.reach is not None
+        self.remember_addrs(peer_id, [address])
         try:
-            with trio.fail_after(timeout):
-                await self.host.connect(info)
-        except (trio.TooSlowError, BaseLibp2pError, OSError) as e:
+            await self.dial(peer_id, timeout=timeout)
+        except PeerUnavailableError as e:
             reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
             if reason is not None:
                 raise PeerUnavailableError(f"could not connect to peer at {address}: {reason}") from e
-            raise PeerUnavailableError(f"could not reach peer at {address} within {timeout:g} s: {e!r}") from e
+            raise PeerUnavailableError(f"could not reach peer at {address}: {e}") from e
+        if peer_id not in self.reach.initial_peers:
+            self.reach.initial_peers.append(peer_id)
+            self.reach.poke()
         if self.dht is not None:
             try:
                 await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
@@ -278,8 +319,68 @@ class P2PNode:
                 logger.debug("routing table did not take %s: %r", peer_id, e)
         return peer_id
 
+    async def join(self, initial_peers: Sequence[str]) -> list[str]:
+        """Connect to a swarm's initial peers (at least one must answer) and fill the DHT routing table from them;
+        returns the peer ids that answered."""
+        joined, errors = [], []
+        for address in initial_peers:
+            try:
+                joined.append(await self.connect(address))
+            except PeerUnavailableError as e:
+                errors.append(str(e))
+        if not joined:
+            raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
+        with trio.move_on_after(5):
+            await self.dht.refresh_routing_table()  # type: ignore[union-attr]
+        return joined
+
+    async def dial(self, peer_id: str, timeout: float = DIAL_TIMEOUT) -> None:
+        """Make sure there is a connection to ``peer_id`` (from the addresses in the peerstore: direct ones first,
+        then through relays); raises PeerUnavailableError with every address's failure.
+
+        The dial itself runs in the node's nursery, bounded by DIAL_TIMEOUT, and concurrent callers share it: a
+        caller that gives up sooner (a one-second first ping) does not cancel a connection half-way through its
+        handshake, which would leave the other side holding a connection that no longer answers.
+        """
+        assert self.reach is not None and self._nursery is not None
+        if self.reach.dialer.connected(peer_id):
+            return
+        pending = self._dials.get(peer_id)
+        if pending is None:
+            pending = self._dials[peer_id] = _PendingDial()
+            self._nursery.start_soon(self._dial_in_background, peer_id, pending)
+        with trio.move_on_after(timeout):
+            await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        if not pending.done.is_set():
+            raise PeerUnavailableError(f"could not connect to peer {peer_id} within {timeout:g} s")
+
+    async def _dial_in_background(self, peer_id: str, pending: "_PendingDial") -> None:
+        try:
+            await self.reach.dialer.connect(peer_id, timeout=DIAL_TIMEOUT)  # type: ignore[union-attr]
+        except PeerUnavailableError as e:
+            pending.error = e
+        except Exception as e:  # noqa: BLE001 - reported to every waiting caller
+            pending.error = PeerUnavailableError(f"could not connect to peer {peer_id}: {e!r}")
+        finally:
+            self._dials.pop(peer_id, None)
+            pending.done.set()
+
+    def link(self, peer_id: str) -> str | None:
+        """How this peer reaches ``peer_id`` now: "direct", "hole-punched", "relayed" or None (call on the trio
+        thread)."""
+        return self.reach.link(peer_id) if self.reach is not None else None
+
     async def open_stream(self, peer_id: str, protocol: str, timeout: float = CONNECT_TIMEOUT) -> FramedStream:
         """Open a stream to a peer (dialing it if needed, from addresses in the peerstore)."""
+        try:
+            await self.dial(peer_id)
+        except PeerUnavailableError as e:
+            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            if reason is None:
+                raise
+            raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {reason}") from e
         try:
             with trio.fail_after(timeout):
                 raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])

@@ -60,12 +60,14 @@ class PingAggregator:
 
 
 async def ping_peer(node: object, peer_id: str, timeout: float = PING_TIMEOUT) -> float | None:
-    """One round trip of libp2p ping to ``peer_id`` in seconds (stream opening excluded), or None on failure."""
+    """One round trip of libp2p ping to ``peer_id`` in seconds (connecting and stream opening excluded, but within
+    ``timeout``), or None on failure. A peer reached through a relay is pinged through it: its RTT is measured."""
     host = node.host  # type: ignore[attr-defined]
     payload = os.urandom(32)
     stream = None
     try:
         with trio.fail_after(timeout):
+            await node.dial(peer_id)  # type: ignore[attr-defined]
             stream = await host.new_stream(ID.from_base58(peer_id), [PING_PROTOCOL])
             began = time.perf_counter()
             await stream.write(payload)

@@ -22,8 +22,10 @@ from jupyter_swarm.models import BlockSpan, load_model_config
 from jupyter_swarm.models.config import config_dtype
 from jupyter_swarm.models.family import get_family
 from jupyter_swarm.models.quantization import QuantType, check_device_runs, parse_quant_type, weight_bytes
-from jupyter_swarm.p2p.host import DEFAULT_LISTEN, P2PNode
+from jupyter_swarm.p2p.addresses import default_listen
+from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
+from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.runtime.adapters import ServedAdapters
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
@@ -38,6 +40,7 @@ from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC, SPEEDTEST
 logger = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 2.0
+SETTLE_TIMEOUT = 8.0  # seconds a server waits to know its reachability (and hold relay slots) before announcing
 
 
 def num_blocks_of(config: Any) -> int:
@@ -129,7 +132,7 @@ class ServerConfig:
     start: int | None = None
     end: int | None = None
     initial_peers: list[str] = field(default_factory=list)
-    listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
+    listen: list[str] | None = None  # None: loopback for a local swarm, every interface otherwise
     announce_addrs: list[str] = field(default_factory=list)
     identity_path: str | None = None
     dtype: torch.dtype | None = None
@@ -151,6 +154,7 @@ class ServerConfig:
     swarm_key: str | SwarmKey | None = None  # a key file (or key) of a private swarm; None: $JUPYTER_SWARM_KEY or open
     allowed_peers: list[str] | None = None  # connect only with these peer ids (servers and clients); None: anyone
     progress: bool = False  # tqdm bars while loading blocks and measuring throughput (`serve` on a terminal)
+    network: NetworkOptions = field(default_factory=NetworkOptions)  # relays, relay service, hole punching
 
 
 class BlockServer:
@@ -194,14 +198,18 @@ class BlockServer:
         self.prepare()
         identity = load_or_create_identity(cfg.identity_path) if cfg.identity_path else new_identity()
         self.swarm_key = resolve_swarm_key(cfg.swarm_key)
-        self.node = P2PNode(identity=identity, listen=cfg.listen, announce=cfg.announce_addrs,
-                            swarm_key=self.swarm_key, allowed_peers=cfg.allowed_peers).start()
+        listen = cfg.listen or default_listen(cfg.initial_peers)
+        self.node = P2PNode(identity=identity, listen=listen, announce=cfg.announce_addrs,
+                            swarm_key=self.swarm_key, allowed_peers=cfg.allowed_peers, network=cfg.network).start()
         try:
             self.store = RecordStore(self.node)
             self.node.set_handler(SPEEDTEST, serve_speedtest)
             self._enter_stage(STARTING_STAGES[0], f" through {len(cfg.initial_peers)} initial peer(s)"
                               if cfg.initial_peers else " (a new swarm)")
             self._join(cfg.initial_peers)
+            # Peers behind NAT learn that they are and take relay slots before announcing their addresses.
+            self.node.call(self.node.reach.wait_settled, SETTLE_TIMEOUT)  # type: ignore[union-attr]
+            self.node.addresses.on_change = self._addresses_changed
             self._enter_stage(STARTING_STAGES[1], " where the swarm needs them" if self.auto else
                               f": {self.start_block}:{self.end_block}, as given")
             if self.auto:
@@ -403,9 +411,11 @@ class BlockServer:
                     rng.shuffle(nxt)
                     for record in swarm.servers.values():
                         self.node.remember_addrs(record.peer_id, record.addrs)  # type: ignore[union-attr]
+                    self._learn_relays(swarm)
                     await ping_many(self.node, nxt[:self.config.max_pinged], self.pings)
                 else:
                     swarm = await self.read_map()
+                    self._learn_relays(swarm)
                 if self.auto and self.config.balance_period > 0 and self.moving_to is None:
                     # a hole is worth closing now rather than at the next (slower) balance check
                     swarm.servers[self.peer_id] = self.record()
@@ -417,24 +427,17 @@ class BlockServer:
                 logger.debug("pinging the next servers failed", exc_info=True)
             await trio.sleep(self.config.update_period)
 
+    def _learn_relays(self, swarm: SwarmMap) -> None:
+        relays = [r.peer_id for r in swarm.servers.values() if r.relay and r.peer_id != self.peer_id]
+        for record in swarm.servers.values():
+            if record.relay:
+                self.node.remember_addrs(record.peer_id, record.addrs)  # type: ignore[union-attr]
+        self.node.reach.add_known_relays(relays)  # type: ignore[union-attr]
+
     def _join(self, initial_peers: list[str]) -> None:
         assert self.node is not None
-        if not initial_peers:
-            return
-        errors = []
-        for address in initial_peers:
-            try:
-                self._joined_peers.append(self.node.call(self.node.connect, address))
-            except PeerUnavailableError as e:
-                errors.append(str(e))
-        if len(errors) == len(initial_peers):
-            raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
-
-        async def refresh() -> None:
-            with trio.move_on_after(5):
-                await self.node.dht.refresh_routing_table()  # type: ignore[union-attr]
-
-        self.node.call(refresh)
+        if initial_peers:
+            self._joined_peers = self.node.call(self.node.join, initial_peers)
 
     def record(self) -> ServerRecord:
         """This server's current announcement."""
@@ -447,10 +450,24 @@ class BlockServer:
             forward_rps=self._rates.forward_rps,
             cache_tokens_left=self.service.cache_tokens_left() if self.service else 0,
             next_pings=dict(sorted(pings.items(), key=lambda kv: kv[1])[:16]), moving_to=self.moving_to,
+            reachability=self.node.reach.status if self.node.reach else "unknown",
+            relay=bool(self.node.reach and self.node.reach.relaying),
             dtype=str(self.span.dtype if self.span else cfg.dtype or "float32").removeprefix("torch."),
             quant_type=self.quant_type.value,
             adapters=list(self.adapters.names) if self.adapters else [],
             version=jupyter_swarm.__version__)
+
+    def _addresses_changed(self) -> None:
+        """Called on the trio thread when this server's addresses change (a relay slot gained or lost, a public
+        address confirmed): announce them now rather than at the next refresh."""
+        if self.state != ServerState.OFFLINE and self.node is not None:
+            self.node.spawn(self._announce_quietly)
+
+    async def _announce_quietly(self) -> None:
+        try:
+            await self._announce_once()
+        except Exception:  # noqa: BLE001 - the next refresh retries
+            logger.debug("announcing new addresses failed", exc_info=True)
 
     async def _announce_once(self, ttl: float | None = None) -> None:
         assert self.store is not None
