@@ -315,7 +315,10 @@ def _api(args: argparse.Namespace) -> int:
         name = args.model_name or os.path.basename(os.path.normpath(path))
         server = ApiServer(model, AutoTokenizer.from_pretrained(path), name, host=args.host, port=args.port)
         print(f"OpenAI-compatible API for {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", flush=True)
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping here is the normal end
+            pass
     finally:
         model.close()
 
