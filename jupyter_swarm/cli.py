@@ -13,9 +13,9 @@ from jupyter_swarm.errors import SwarmError
 from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.relay_service import RelayServiceLimits
 from jupyter_swarm.p2p.host import parse_peer_multiaddr
+from jupyter_swarm.options import QUANT_TYPE_HELP, QUANT_TYPES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANT_TYPES = ("auto", "none", "int8", "nf4", "fp4")  # jupyter_swarm.models.quantization.QuantType, plus auto
 
 
 def add_swarm_key_option(parser: argparse.ArgumentParser) -> None:
@@ -121,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     serve.add_argument("--quant-type", choices=QUANT_TYPES, default="auto",
-                       help="how the blocks' linear layers are stored (bitsandbytes): none (the dtype), int8 "
-                            "(LLM.int8()), nf4 or fp4 (4-bit). auto (the default): nf4 on a GPU that cannot hold "
-                            "the span it wants in float, none otherwise. Memory sizing counts quantized bytes")
+                       help=QUANT_TYPE_HELP + " (default: auto); --memory-mib sizing counts quantized bytes")
     serve.add_argument("--cache-mib", type=int, default=512, help="attention cache budget in MiB (default 512)")
     serve.add_argument("--max-session-length", type=int, default=8192, help="longest inference session in tokens")
     serve.add_argument("--update-period", type=float, default=30.0, metavar="SECONDS",

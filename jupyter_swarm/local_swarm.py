@@ -101,10 +101,14 @@ class LocalSwarm:
     new_session = False  # start servers in their own session (see ServerProcess)
 
     def __init__(self, model: str, spans: Sequence[tuple[int | None, int | None]], *, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, new_session: bool = False, swarm_key: str | None = None):
-        """``swarm_key``: a key file; the servers form a private swarm with it (clients need the same file)."""
+                 env: dict[str, str] | None = None, new_session: bool = False, swarm_key: str | None = None,
+                 quant_type: str | None = None):
+        """``swarm_key``: a key file; the servers form a private swarm with it (clients need the same file).
+        ``quant_type``: how every server stores its blocks (``serve --quant-type``; None: the server's default);
+        :meth:`add_server` can start one with another."""
         self.model = model
         self.extra_args = list(extra_args) + (["--swarm-key", str(swarm_key)] if swarm_key else [])
+        self.quant_type = quant_type
         self.env = env
         self.new_session = new_session
         self.servers: list[ServerProcess] = []
@@ -124,10 +128,12 @@ class LocalSwarm:
         return [a for s in alive[:2] for a in s.addrs]
 
     def add_server(self, start: int | None = None, end: int | None = None, *, wait: bool = True,
-                   extra_args: Sequence[str] = ()) -> ServerProcess:
+                   extra_args: Sequence[str] = (), quant_type: str | None = None) -> ServerProcess:
         """Start one more server joining this swarm (``start=None``: it places its span itself)."""
+        quant_type = quant_type or self.quant_type
+        quantization = ["--quant-type", quant_type] if quant_type else []
         server = ServerProcess(self.model, start, end, initial_peers=self.initial_peers,
-                               extra_args=[*self.extra_args, *extra_args], env=self.env,
+                               extra_args=[*self.extra_args, *quantization, *extra_args], env=self.env,
                                new_session=self.new_session)
         self.servers.append(server)
         if wait:

@@ -56,6 +56,7 @@ def format_status(maps: dict[str, SwarmMap]) -> str:
         lines.append("  coverage per block: " + " ".join(str(c) for c in coverage))
         for record in sorted(swarm.servers.values(), key=lambda r: (r.start, r.peer_id)):
             lines.append(f"  {record.peer_id}  blocks {record.start}:{record.end}  {record.state.value:8s} "
-                         f"{record.dtype} {record.quant_type:4s}  throughput {record.throughput:8.1f} rps  cache {record.cache_tokens_left} tokens free  "
+                         f"{record.dtype} {record.quant_type:4s}  throughput {record.throughput:8.1f} rps  "
+                         f"cache {record.cache_tokens_left} tokens free  "
                          f"expires in {swarm.ttl_left.get(record.peer_id, 0):.0f} s")
     return "\n".join(lines)

@@ -164,14 +164,16 @@ def measured_bytes(module: nn.Module) -> int:
 
 
 def check_device_runs(quant_type: QuantType, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Run one small quantized layer on ``device``, so a server refuses a quant type it cannot run before it joins
-    the swarm rather than at its first request.
+    """Check that ``device`` exists here and runs ``quant_type`` (one small quantized layer, forward and backward),
+    so a server refuses before it joins the swarm rather than at its first request.
 
     Raises:
+        ConfigurationError: ``device`` is not usable on this machine (no such GPU, or torch built without it).
         MissingDependencyError: bitsandbytes is not installed.
         UnsupportedQuantTypeError: bitsandbytes cannot run ``quant_type`` on ``device`` (the message names the
             quant types that do run there).
     """
+    check_device(device)
     if quant_type == QuantType.NONE:
         return
     import_bitsandbytes(quant_type)
@@ -184,6 +186,15 @@ def check_device_runs(quant_type: QuantType, device: torch.device | str, dtype: 
         f"{device} cannot run {quant_type.value} blocks in {str(dtype).removeprefix('torch.')} with bitsandbytes "
         f"{_version()} ({failure}); quant types that run here: {', '.join(works)} (--quant-type), or serve on "
         "another device (--device)")
+
+
+def check_device(device: torch.device | str) -> None:
+    """Raise :class:`ConfigurationError` unless ``device`` can hold a tensor on this machine."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # torch says "not compiled with CUDA", "invalid device"
+        raise ConfigurationError(f"device {str(device)!r} is not usable on this machine ({e}); "
+                                 "choose another with --device (e.g. cpu)") from None
 
 
 def _probe(quant_type: QuantType, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -243,3 +254,10 @@ def transformers_config(quant_type: QuantType, dtype: torch.dtype) -> Any:
                                   llm_int8_has_fp16_weight=False)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type.value,
                               bnb_4bit_use_double_quant=DOUBLE_QUANT, bnb_4bit_compute_dtype=dtype)
+
+
+def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood of each next token of ``input_ids`` ``[batch, n]`` under ``logits``
+    ``[batch, n, vocab]``: how much a quantized model's predictions lost against a float one's on the same text."""
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    return float(torch.exp(loss))

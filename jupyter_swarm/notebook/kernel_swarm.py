@@ -99,9 +99,9 @@ class KernelSwarm:
         return self.generation.generate_stream(prompt, **options)
 
     def serve(self, blocks: str = "auto", *, device: str | None = None, dtype: str | None = None,
-              model: str | None = None) -> threading.Thread:
+              quant_type: str = "auto", model: str | None = None) -> threading.Thread:
         """Serve blocks from this kernel in the background; see :meth:`KernelServing.serve`."""
-        thread = self.serving.serve(blocks, device=device, dtype=dtype, model=model)
+        thread = self.serving.serve(blocks, device=device, dtype=dtype, quant_type=quant_type, model=model)
         self.publisher.start()
         return thread
 
@@ -158,7 +158,8 @@ class KernelSwarm:
         action = request.get("action")
         if action == "serve":
             try:
-                self.serve(str(request.get("params", {}).get("blocks", "auto")))
+                params = request.get("params", {})
+                self.serve(str(params.get("blocks", "auto")), quant_type=str(params.get("quant_type", "auto")))
             except Exception as e:  # noqa: BLE001 - shown in the panel
                 self.serving.state, self.serving.error = "error", describe_error(e)
         elif action == "stop":

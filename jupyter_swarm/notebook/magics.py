@@ -13,6 +13,7 @@ from IPython.display import display
 
 from jupyter_swarm.notebook.generation import GenerationResult
 from jupyter_swarm.notebook.kernel_swarm import KernelSwarm, get_kernel_swarm
+from jupyter_swarm.options import QUANT_TYPE_HELP, QUANT_TYPES
 
 DESCRIPTION = """Drive a swarm from this notebook. Subcommands:
   connect MODEL [--peers MADDR ...] [--local] [--swarm-key FILE]
@@ -81,6 +82,7 @@ def build_parser() -> _Parser:
     serve.add_argument("--blocks", default="auto", help="auto (fewest servers first) or START:END")
     serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--quant-type", default="auto", choices=QUANT_TYPES, help=QUANT_TYPE_HELP)
 
     sub.add_parser("stop", help="stop serving")
     sub.add_parser("map", help="live swarm map (coverage and routing graph)")
@@ -201,11 +203,13 @@ class SwarmMagics(Magics):
             print("no servers announce this model (they may still be starting, or their records expired)")
             return
         own = swarm.serving.own_peer_id()
-        headers = ["server", "blocks", "state", "throughput (steps/s)", "free cache (tokens)", "record expires in"]
+        headers = ["server", "blocks", "state", "dtype", "quant type", "throughput (steps/s)", "free cache (tokens)",
+                   "record expires in"]
         rows, lines = [], ["  ".join(headers)]
         for r in records:
             name = r.peer_id[-12:] + (" (this kernel)" if r.peer_id == own else "")
-            row = [name, f"{r.start}:{r.end}", r.state.value, f"{r.throughput:.1f}", r.cache_tokens_left,
+            row = [name, f"{r.start}:{r.end}", r.state.value, r.dtype, r.quant_type, f"{r.throughput:.1f}",
+                   r.cache_tokens_left,
                    f"{swarm_map.ttl_left.get(r.peer_id, 0):.0f} s"]
             rows.append([html.escape(str(c)) for c in row])
             lines.append("  ".join(str(c) for c in row))
@@ -259,8 +263,9 @@ class SwarmMagics(Magics):
 
     def _serve(self, args: argparse.Namespace, cell: str | None) -> None:
         swarm = get_kernel_swarm()
-        swarm.serve(args.blocks, device=args.device, dtype=args.dtype)
-        print(f"serving blocks ({args.blocks}) of {swarm.model_path} from this kernel in the background; "
+        swarm.serve(args.blocks, device=args.device, dtype=args.dtype, quant_type=args.quant_type)
+        print(f"serving blocks ({args.blocks}, quant type {args.quant_type}) of {swarm.model_path} from this kernel "
+              "in the background; "
               "`%swarm stop` stops it, `%swarm panel` shows its progress and stats")
 
     def _stop(self, args: argparse.Namespace, cell: str | None) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_swarm.notebook.connection import SwarmConnection
+from jupyter_swarm.options import QUANT_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +39,37 @@ class KernelServing:
         self.error: str | None = None
         self.blocks: tuple[int, int] | None = None
         self.device = "cpu"
+        self.quant_type = "auto"  # as asked; the server's status says what auto became
         self.started_at: float | None = None
         self._thread: threading.Thread | None = None
 
     def serve(self, blocks: str = "auto", *, device: str | None = None, dtype: str | None = None,
-              model: str | None = None) -> threading.Thread:
-        """Serve ``blocks`` (``auto`` or ``A:B``) of the connected model (or ``model``) in a background thread."""
+              quant_type: str = "auto", model: str | None = None) -> threading.Thread:
+        """Serve ``blocks`` (``auto`` or ``A:B``) of the connected model (or ``model``) in a background thread.
+
+        ``quant_type``: ``none``, ``int8``, ``nf4``, ``fp4``, or ``auto`` (nf4 on a GPU that cannot hold the blocks in
+        float, none otherwise).
+        """
         from jupyter_swarm.errors import ConfigurationError
 
         if self.state in ("starting", "serving", "stopping"):
             raise ConfigurationError(f"already {self.state}: run `%swarm stop` first")
+        if quant_type not in QUANT_TYPES:
+            raise ConfigurationError(f"unknown quant type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
         model_path = model or self.connection.model_path
         if model_path is None:
             raise ConfigurationError("nothing to serve: connect to a swarm first (`%swarm connect MODEL ...`)")
         device = device or ("cuda" if gpu_available() else "cpu")
         self.state, self.error, self.blocks, self.device = "starting", None, None, device
+        self.quant_type = quant_type
         self.started_at = time.time()
-        thread = threading.Thread(target=self._serve, args=(model_path, blocks, device, dtype),
+        thread = threading.Thread(target=self._serve, args=(model_path, blocks, device, dtype, quant_type),
                                   name="jupyter-swarm-serve", daemon=True)
         self._thread = thread
         thread.start()
         return thread
 
-    def _serve(self, model_path: str, blocks: str, device: str, dtype: str | None) -> None:
+    def _serve(self, model_path: str, blocks: str, device: str, dtype: str | None, quant_type: str) -> None:
         try:
             import torch
 
@@ -79,7 +88,7 @@ class KernelServing:
             server = BlockServer(ServerConfig(
                 model_path, start, end, initial_peers=list(self.connection.initial_peers), device=device,
                 update_period=5.0, dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
-                swarm_key=self.connection.swarm_key))
+                quant_type=quant_type, swarm_key=self.connection.swarm_key))
             self.server = server
             server.start()
             status = server.status()
@@ -129,6 +138,7 @@ class KernelServing:
         from jupyter_swarm.runtime.server_status import STARTING_STAGES
 
         stats: dict[str, Any] = {"state": self.state, "error": self.error, "device": self.device,
+                                 "quant_type": self.quant_type,
                                  "blocks": list(self.blocks) if self.blocks else None,
                                  "progress_steps": len(STARTING_STAGES)}
         server = self.server

@@ -213,7 +213,8 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
         self.strip = widgets.HTML("")
         self.coverage_fig = go.FigureWidget(
             data=[go.Heatmap(z=[[None]], x=[0], y=[""], colorscale="Viridis", colorbar={"title": "steps/s"},
-                             hovertemplate="server %{y}<br>block %{x}<br>throughput %{z:.1f}<extra></extra>",
+                             hovertemplate="server %{y}<br>block %{x}<br>throughput %{z:.1f}<br>%{text}"
+                                           "<extra></extra>",
                              xgap=2, ygap=2)],
             layout=go.Layout(title={"text": "Block coverage (colour: throughput)", "font": {"size": 13}},
                              height=260, margin={"l": 110, "r": 20, "t": 40, "b": 40},
@@ -261,11 +262,12 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
         swarm_map = self.swarm.connection.read_map(max_age=1.0)
         records = sorted(swarm_map.servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
         own = self.swarm.serving.own_peer_id()
-        labels = [r.peer_id[-8:] + (" (you)" if r.peer_id == own else "") for r in records]
+        labels = [f"{r.peer_id[-8:]} {r.quant_type}" + (" (you)" if r.peer_id == own else "") for r in records]
         n = swarm_map.num_blocks
         z = [[(r.throughput if r.start <= b < r.end and r.state.value == "online" else
                (0.0 if r.start <= b < r.end else None)) for b in range(n)] for r in records]
-        text = [[(r.state.value if r.start <= b < r.end else "") for b in range(n)] for r in records]
+        text = [[(f"{r.state.value}, {r.dtype} {r.quant_type}" if r.start <= b < r.end else "") for b in range(n)]
+                for r in records]
         missing = swarm_map.missing_blocks()
         chain = self._chain(swarm_map)
         with self.coverage_fig.batch_update():
@@ -297,10 +299,12 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
                 colors.append("#1976d2")
                 hovers.append("client")
             else:
-                labels.append(f"{key[-6:]} [{record.start}:{record.end}]" + (" (you)" if key == own else ""))
+                labels.append(f"{key[-6:]} [{record.start}:{record.end}] {record.quant_type}"
+                              + (" (you)" if key == own else ""))
                 colors.append(ORANGE if any(p == key for p, _, _ in chain) else
                               (GREEN if record.state.value == "online" else GREY))
                 hovers.append(f"{key}<br>blocks {record.start}:{record.end}<br>{record.state.value}<br>"
+                              f"{record.dtype}, quant type {record.quant_type}<br>"
                               f"{record.throughput:.1f} steps/s<br>{record.cache_tokens_left} cache tokens free")
         link_x: list[Any] = []
         link_y: list[Any] = []
@@ -363,24 +367,29 @@ class ServePanel(widgets.VBox, _Refresher):
                                            layout=widgets.Layout(width="auto"))
         self.stop_button = widgets.Button(description="Stop serving", button_style="danger", icon="stop",
                                           disabled=True)
+        from jupyter_swarm.options import QUANT_TYPE_HELP, QUANT_TYPES
+
+        self.quant_type = widgets.Dropdown(options=list(QUANT_TYPES), value="auto", description="quant type",
+                                           tooltip=QUANT_TYPE_HELP, layout=widgets.Layout(width="220px"))
         self.progress = widgets.IntProgress(value=0, min=0, max=4, description="", bar_style="info",
                                             layout=widgets.Layout(visibility="hidden"))
         self.status = widgets.HTML("")
         self.stats = widgets.HTML("")
         for w, name in ((self.serve_button, "serve"), (self.stop_button, "stop-serving"), (self.status, "serve-status"),
-                        (self.stats, "serve-stats")):
+                        (self.stats, "serve-stats"), (self.quant_type, "serve-quant-type")):
             w.add_class(f"jupyter-swarm-{name}")
         self.serve_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         super().__init__([widgets.HTML("<b>Serve blocks from this kernel</b>"),
-                          widgets.HBox([self.serve_button, self.stop_button]), self.progress, self.status, self.stats],
+                          widgets.HBox([self.serve_button, self.quant_type, self.stop_button]), self.progress,
+                          self.status, self.stats],
                          **kwargs)
         self.add_class("jupyter-swarm-serve-panel")
         self._start_refreshing()
 
     def start(self, blocks: str = "auto") -> None:
         try:
-            self.swarm.serve(blocks)
+            self.swarm.serve(blocks, quant_type=self.quant_type.value)
         except Exception as e:  # noqa: BLE001 - shown in the panel
             self.status.value = f"<span style='color:{RED}'>{html.escape(str(e))}</span>"
             return
@@ -394,11 +403,12 @@ class ServePanel(widgets.VBox, _Refresher):
         s = self.swarm.serving.stats()
         state = s["state"]
         busy = state in ("starting", "serving", "stopping")
-        self.serve_button.disabled = busy
+        self.serve_button.disabled = self.quant_type.disabled = busy
         self.stop_button.disabled = state not in ("starting", "serving")
         self.progress.layout.visibility = "visible" if state == "starting" else "hidden"
         self.progress.value = s["progress_step"]
         blocks = f"blocks {s['blocks'][0]}:{s['blocks'][1]}" if s.get("blocks") else "blocks: choosing"
+        blocks += f", quant type {s.get('quant_type', 'auto')}"
         if state == "starting":
             self.status.value = f"starting ({blocks}, {s['device']}): {s['progress']}..."
         elif state == "serving":

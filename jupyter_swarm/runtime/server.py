@@ -21,7 +21,8 @@ from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.models import BlockSpan, load_model_config
 from jupyter_swarm.models.config import config_dtype
 from jupyter_swarm.models.family import get_family
-from jupyter_swarm.models.quantization import QuantType, check_device_runs, parse_quant_type, weight_bytes
+from jupyter_swarm.models.quantization import (QuantType, check_device, check_device_runs, measured_bytes,
+                                               parse_quant_type, weight_bytes)
 from jupyter_swarm.p2p.addresses import default_listen
 from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
@@ -88,23 +89,33 @@ def block_bytes(model_config: Any, dtype: torch.dtype, quant_type: QuantType = Q
     return weight_bytes(block, quant_type, dtype)
 
 
-def choose_quant_type(requested: str, *, device: str, float_span_bytes: int, usable_bytes: int) -> QuantType:
+#: what ``auto`` tries on a GPU, least lossy first (SmolLM2's perplexity: int8 +1.7%, nf4 +30%; bench/README.md)
+AUTO_QUANT_ORDER = (QuantType.NONE, QuantType.INT8, QuantType.NF4)
+
+
+def choose_quant_type(requested: str, *, device: str, span_bytes: dict[QuantType, int],
+                      usable_bytes: int) -> QuantType:
     """The quant type a server uses: ``requested``, unless it is ``auto``.
 
-    ``auto`` is ``nf4`` on a CUDA device whose usable memory cannot hold the span it wants (``float_span_bytes``:
-    the pinned span, ``--num-blocks`` blocks, or else the whole model) in float; ``none`` otherwise. Float blocks
-    compute fastest and give the same outputs as a local model; 4-bit ones take a quarter of float16's memory,
-    which is what lets consumer GPUs hold big models. NF4 rather than FP4 or int8: it loses the least accuracy
-    per bit (bench/README.md) and bitsandbytes' 4-bit kernels are its fastest on GPUs. CPUs keep float: there,
-    bitsandbytes' kernels are slower than float ones (bench/README.md) and memory is rarely the limit.
+    ``auto`` on a CUDA device is the least lossy quant type in which the span the server wants fits its usable
+    memory: ``none``, else ``int8``, else ``nf4`` (``span_bytes``: the bytes of that span in each; the span is the
+    pinned one, ``--num-blocks`` blocks, or else the whole model). On other devices it is ``none``: memory is rarely
+    the limit there, and float blocks decode fastest (int8 0.95x, nf4 0.89x on this project's CPU) and give a local
+    model's outputs exactly. Quantizing is what lets consumer GPUs hold big models, but it costs accuracy
+    (perplexity on SmolLM2: int8 +1.7%, nf4 +30%, fp4 +45%), so a GPU quantizes only as far as it must; NF4
+    rather than FP4 at 4 bits, as it loses less.
     """
     if requested.strip().lower() != "auto":
         return parse_quant_type(requested)
-    if torch.device(device).type == "cuda" and float_span_bytes > usable_bytes:
-        logger.info("quant type auto: %.0f MiB of float blocks do not fit in %.0f MiB, so nf4",
-                    float_span_bytes / 2**20, usable_bytes / 2**20)
-        return QuantType.NF4
-    return QuantType.NONE
+    if torch.device(device).type != "cuda":
+        return QuantType.NONE
+    for quant_type in AUTO_QUANT_ORDER:
+        if span_bytes[quant_type] <= usable_bytes:
+            break
+    if quant_type != QuantType.NONE:
+        logger.info("quant type auto: %.0f MiB of float blocks do not fit in %.0f MiB usable, so %s",
+                    span_bytes[QuantType.NONE] / 2**20, usable_bytes / 2**20, quant_type.value)
+    return quant_type
 
 
 def available_memory(device: str) -> int:
@@ -252,7 +263,7 @@ class BlockServer:
             addrs=list(node.addrs) if node else [], start_block=self.start_block, end_block=self.end_block,
             num_blocks=getattr(self, "num_blocks", None), quant_type=self.quant_type.value,
             dtype=str(span.dtype).removeprefix("torch.") if span is not None else None,
-            weights_bytes=sum(p.numel() * p.element_size() for p in span.parameters()) if span is not None else 0,
+            weights_bytes=measured_bytes(span) if span is not None else 0,  # quantization scales included
             throughput=float(self._throughput), moves=self.moves, **served)
 
     def prepare(self) -> None:
@@ -267,6 +278,7 @@ class BlockServer:
                 f"blocks {cfg.start}:{cfg.end} are outside the model: it has {total} blocks (0:{total})")
         if cfg.serve_blocks is not None and not 0 < cfg.serve_blocks <= total:
             raise ConfigurationError(f"num_blocks {cfg.serve_blocks} is outside the model: use 1..{total}")
+        check_device(cfg.device)  # before asking it how much memory it has
         self.quant_type = self._choose_quant_type()
         check_device_runs(self.quant_type, cfg.device, self.dtype)  # refuse before joining, not at a first request
 
@@ -286,10 +298,8 @@ class BlockServer:
             wanted = cfg.end - cfg.start  # type: ignore[operator]
         else:
             wanted = cfg.serve_blocks or self.num_blocks
-        float_bytes = 0
-        if cfg.quant_type.strip().lower() == "auto":
-            float_bytes = wanted * block_bytes(self.model_config, self.dtype)
-        return choose_quant_type(cfg.quant_type, device=cfg.device, float_span_bytes=float_bytes,
+        span_bytes = {q: wanted * block_bytes(self.model_config, self.dtype, q) for q in AUTO_QUANT_ORDER}
+        return choose_quant_type(cfg.quant_type, device=cfg.device, span_bytes=span_bytes,
                                  usable_bytes=self._memory_bytes() - cfg.cache_bytes)
 
     def span_length(self) -> int:

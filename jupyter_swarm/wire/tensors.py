@@ -6,7 +6,7 @@ or per inference session; servers answer in the compression of the request.
 
 8-bit blockwise is bitsandbytes' dynamic quantizer: each block of 256 values is scaled by its absolute maximum and
 mapped to one of 256 levels spaced for heavy-tailed data. On SmolLM2's hidden states, whose few huge outlier
-features ruin a linear 8-bit code, it has 3-12x less error than linear int8 blocks of the same size
+features ruin a linear 8-bit code, it has 3-15x less error than linear int8 blocks of the same size
 (``bench/bench_compression.py``).
 """
 
@@ -40,7 +40,7 @@ class Compression(str, Enum):
     BLOCKWISE_8BIT = "blockwise8"
 
 
-BLOCKWISE_BLOCK = 256  # values per scale of 8-bit blockwise: 1.6% more bytes than 4096, 1.3-2x less error
+BLOCKWISE_BLOCK = 256  # values per scale of 8-bit blockwise: 1.6% more bytes than 4096, 1.3-1.5x less error
 
 
 def parse_compression(value: Compression | str) -> Compression:

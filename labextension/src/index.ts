@@ -13,6 +13,8 @@ interface IServer {
   start: number;
   end: number;
   state: string;
+  dtype?: string;
+  quant_type?: string;
   throughput: number;
   cache_tokens_left: number;
 }
@@ -22,6 +24,7 @@ interface IServe {
   error: string | null;
   blocks: number[] | null;
   device: string;
+  quant_type?: string;
   progress: string;
   requests?: number;
   throughput?: number;
@@ -202,7 +205,9 @@ class SwarmPanel extends Widget {
           if (s.state === 'online') {
             cell.style.opacity = String(0.45 + 0.55 * (s.throughput / top));
           }
-          cell.title = `${s.peer_id}\nblocks ${s.start}:${s.end}, ${s.state}, ${s.throughput.toFixed(1)} steps/s`;
+          cell.title =
+            `${s.peer_id}\nblocks ${s.start}:${s.end}, ${s.state}, ${s.dtype ?? ''} ${s.quant_type ?? 'none'}, ` +
+            `${s.throughput.toFixed(1)} steps/s`;
         }
         grid.appendChild(cell);
       }
@@ -221,14 +226,18 @@ class SwarmPanel extends Widget {
   private renderServers(k: IKernelState): void {
     const table = el('table', 'jp-SwarmPanel-table');
     const head = el('tr');
-    ['server', 'blocks', 'state', 'steps/s'].forEach(h => head.appendChild(el('th', '', h)));
+    ['server', 'blocks', 'state', 'quant', 'steps/s'].forEach(h => head.appendChild(el('th', '', h)));
     table.appendChild(head);
     for (const s of k.servers || []) {
       const row = el('tr', 'jp-SwarmPanel-server');
       const own = s.peer_id === k.own_peer_id;
-      [s.peer_id.slice(-8) + (own ? ' (you)' : ''), `${s.start}:${s.end}`, s.state, s.throughput.toFixed(1)].forEach(
-        v => row.appendChild(el('td', '', v))
-      );
+      [
+        s.peer_id.slice(-8) + (own ? ' (you)' : ''),
+        `${s.start}:${s.end}`,
+        s.state,
+        s.quant_type ?? 'none',
+        s.throughput.toFixed(1)
+      ].forEach(v => row.appendChild(el('td', '', v)));
       table.appendChild(row);
     }
     this.servers.appendChild(table);
@@ -251,7 +260,9 @@ class SwarmPanel extends Widget {
     const text: { [key: string]: string } = {
       idle: 'Not serving.',
       starting: `Starting ${blocks}: ${s.progress}...`,
-      serving: `Serving ${blocks} on ${s.device}: ${s.requests ?? 0} requests, ${(s.throughput ?? 0).toFixed(1)} steps/s.`,
+      serving:
+        `Serving ${blocks} (${s.quant_type ?? 'none'}) on ${s.device}: ${s.requests ?? 0} requests, ` +
+        `${(s.throughput ?? 0).toFixed(1)} steps/s.`,
       stopping: 'Stopping...',
       error: `Could not serve: ${s.error}`
     };

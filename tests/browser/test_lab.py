@@ -221,6 +221,7 @@ def test_quickstart_in_jupyterlab(page, lab, smollm2_dir) -> None:
     panel.locator(".jp-SwarmPanel-count").first.wait_for(timeout=30_000)
     assert panel.locator(".jp-SwarmPanel-count").count() == 30
     assert panel.locator(".jp-SwarmPanel-server").count() == 3
+    assert panel.locator(".jp-SwarmPanel-server td:nth-child(4)").all_inner_texts() == ["none"] * 3  # quant type
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('SmolLM2-135M-Instruct')")
     shot(page, "07-sidebar")
     button = panel.locator(".jp-SwarmPanel-serveButton")

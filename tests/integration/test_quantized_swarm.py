@@ -40,9 +40,8 @@ def quant_swarm(model_path, tmp_path_factory):
     adapter_dir = str(tmp_path_factory.mktemp("quant-adapter"))
     adapted.save_pretrained(adapter_dir)
     args = [*SERVER_ARGS, "--adapters", f"{ADAPTER}={adapter_dir}"]
-    with LocalSwarm(path, [(0, 2)], extra_args=[*args, "--quant-type", "nf4"]) as swarm:
-        joining = [swarm.add_server(2, 4, wait=False, extra_args=["--quant-type", "nf4"]),
-                   swarm.add_server(0, 4, wait=False, extra_args=["--quant-type", "int8"])]
+    with LocalSwarm(path, [(0, 2)], extra_args=args, quant_type="nf4") as swarm:
+        joining = [swarm.add_server(2, 4, wait=False), swarm.add_server(0, 4, wait=False, quant_type="int8")]
         for server in joining:
             server.wait_ready()
         quant_types = {s.peer_id: q for s, q in zip(swarm.servers, ["nf4", "nf4", "int8"])}

@@ -151,6 +151,8 @@ def test_a_quant_type_the_device_cannot_run_is_refused_naming_what_runs(monkeypa
     with pytest.raises(UnsupportedQuantTypeError, match=r"cpu cannot run nf4 blocks in float32 .*"
                                                         r"no 4-bit kernel.*quant types that run here: none, int8"):
         check_device_runs(QuantType.NF4, "cpu", torch.float32)
+    with pytest.raises(ConfigurationError, match="device 'cuda:99' is not usable on this machine"):
+        check_device_runs(QuantType.NONE, "cuda:99", torch.float32)  # no machine has a hundredth GPU
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
     with pytest.raises(UnsupportedQuantTypeError, match="no kernels for cpu devices.*quant types that run here: none"):
         check_device_runs(QuantType.INT8, "cpu", torch.float32)

@@ -176,14 +176,15 @@ def test_swarm_map_updates_live_and_stops_when_closed(kernel: Kernel) -> None:
         "while m.refreshes < 2: time.sleep(0.1)\n"
         "heat = m.coverage_fig.data[0]\n"
         "print(len(heat.x), len(heat.y), m.strip.value.count('jupyter-swarm-block'), 'all 8 blocks covered' in m.header.value)\n"
+        "print([label.split()[1] for label in heat.y])\n"
         "print(len(m.graph_fig.data[1].x) >= 3, len(m.graph_fig.data[2].x))\n"
         "m.close(); n = m.refreshes; time.sleep(4.5)\n"
         "print(m.live, m.refreshes == n)")
-    assert kernel.stdout(out).split("\n")[:3] == ["8 3 8 True", "True 4", "False True"], out
+    assert kernel.stdout(out).split("\n")[:4] == ["8 3 8 True", "['none', 'none', 'none']", "True 4", "False True"], out
 
 
 def test_serve_from_the_kernel_and_the_panel(kernel: Kernel) -> None:
-    out = kernel.run("%swarm serve --blocks 4:8")
+    out = kernel.run("%swarm serve --blocks 4:8 --quant-type int8")
     assert "in the background" in kernel.stdout(out) and not errors(out)
     out = kernel.run("from jupyter_swarm.notebook import ServePanel\n"
                      "p = ServePanel()\n"
@@ -193,19 +194,31 @@ def test_serve_from_the_kernel_and_the_panel(kernel: Kernel) -> None:
     while "(this kernel)" not in plain(out) and time.monotonic() < deadline:
         out = kernel.run("%swarm peers")
         time.sleep(1)
-    assert "(this kernel)  4:8" in plain(out)
+    assert "(this kernel)  4:8  online  float32  int8" in plain(out)
     out = kernel.run("import time; time.sleep(1.5)\n"
-                     "print(p.serve_button.disabled, p.stop_button.disabled, 'serving blocks 4:8' in p.status.value,"
-                     " 'requests served' in p.stats.value, 'cache in use' in p.stats.value)")
-    assert kernel.stdout(out).strip() == "True False True True True", out
+                     "print(p.serve_button.disabled, p.stop_button.disabled, 'serving blocks 4:8, quant type int8' in "
+                     "p.status.value, 'requests served' in p.stats.value, 'cache in use' in p.stats.value, "
+                     "p.quant_type.disabled)")
+    assert kernel.stdout(out).strip() == "True False True True True True", out
     out = kernel.run("%swarm serve")
     assert "already serving" in kernel.stderr(out)
     out = kernel.run("%swarm stop")
     assert "stopped serving" in kernel.stdout(out)
     out = kernel.run("import time; time.sleep(1.5)\n"
-                     "print(p.serve_button.disabled, p.stop_button.disabled, 'not serving' in p.status.value)\n"
-                     "p.close()")
+                     "print(p.serve_button.disabled, p.stop_button.disabled, 'not serving' in p.status.value)")
     assert kernel.stdout(out).strip() == "False True True", out
+    out = kernel.run("p.quant_type.value = 'nf4'; p.start('4:8')\n"  # the panel's quant type choice
+                     "print(swarm.wait_serving(120), swarm.snapshot()['serve']['quant_type'])")
+    assert kernel.stdout(out).strip() == "serving nf4", out
+    deadline = time.monotonic() + 30
+    while "(this kernel)  4:8  online  float32  nf4" not in plain(out) and time.monotonic() < deadline:
+        out = kernel.run("%swarm peers")
+        time.sleep(1)
+    assert "(this kernel)  4:8  online  float32  nf4" in plain(out)
+    out = kernel.run("%swarm stop\np.close()")
+    assert "stopped serving" in kernel.stdout(out)
+    out = kernel.run("%swarm serve --quant-type q4")
+    assert "invalid choice: 'q4'" in kernel.stderr(out)
 
 
 def test_serve_errors_show_in_the_panel(kernel: Kernel) -> None:

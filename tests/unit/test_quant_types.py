@@ -83,13 +83,16 @@ def test_allowed_quant_types_are_checked():
         _quant_type_names([])
 
 
-def test_auto_quant_type_quantizes_only_a_gpu_that_cannot_hold_the_span_in_float():
-    assert choose_quant_type("auto", device="cpu", float_span_bytes=10 * MIB, usable_bytes=MIB) == QuantType.NONE
-    assert choose_quant_type("auto", device="cuda:0", float_span_bytes=10 * MIB, usable_bytes=MIB) == QuantType.NF4
-    assert choose_quant_type("auto", device="cuda", float_span_bytes=MIB, usable_bytes=10 * MIB) == QuantType.NONE
-    assert choose_quant_type("int8", device="cpu", float_span_bytes=0, usable_bytes=0) == QuantType.INT8
+def test_auto_quant_type_quantizes_a_gpu_only_as_far_as_the_span_needs():
+    span = {QuantType.NONE: 16 * MIB, QuantType.INT8: 4 * MIB, QuantType.NF4: 2 * MIB}
+    assert choose_quant_type("auto", device="cpu", span_bytes=span, usable_bytes=MIB) == QuantType.NONE
+    assert choose_quant_type("auto", device="cuda", span_bytes=span, usable_bytes=20 * MIB) == QuantType.NONE
+    assert choose_quant_type("auto", device="cuda:0", span_bytes=span, usable_bytes=10 * MIB) == QuantType.INT8
+    assert choose_quant_type("auto", device="cuda:0", span_bytes=span, usable_bytes=3 * MIB) == QuantType.NF4
+    assert choose_quant_type("auto", device="cuda:0", span_bytes=span, usable_bytes=MIB) == QuantType.NF4  # fewer blocks
+    assert choose_quant_type("int8", device="cpu", span_bytes=span, usable_bytes=0) == QuantType.INT8
     with pytest.raises(ConfigurationError, match="unknown quant type 'int3'"):
-        choose_quant_type("int3", device="cpu", float_span_bytes=0, usable_bytes=0)
+        choose_quant_type("int3", device="cpu", span_bytes=span, usable_bytes=0)
 
 
 def test_memory_sizing_counts_quantized_bytes(model):
@@ -124,6 +127,13 @@ def test_throughput_is_cached_per_quant_type(model, tmp_path, monkeypatch):
     assert sorted(key[2] for key in keys) == ["int8", "nf4", "none"]
 
 
+def test_the_quant_type_choices_users_see_are_the_quant_types_plus_auto():
+    from jupyter_swarm.models.quantization import QUANT_TYPE_NAMES
+    from jupyter_swarm.options import QUANT_TYPES
+
+    assert QUANT_TYPES == ("auto", *QUANT_TYPE_NAMES)
+
+
 def test_cli_refuses_an_unknown_quant_type(model, capsys):
     with pytest.raises(SystemExit):
         main(["serve", model, "--new-swarm", "--quant-type", "int4"])
@@ -139,3 +149,8 @@ def test_cli_without_bitsandbytes_says_how_to_install_it(model, capsys, monkeypa
     error = capsys.readouterr().err
     assert "jupyter-swarm serve: error: quant type nf4 needs bitsandbytes, which is not installed" in error
     assert 'pip install "bitsandbytes' in error
+
+
+def test_cli_refuses_a_device_this_machine_does_not_have(model, capsys):
+    assert main(["serve", model, "--new-swarm", "--device", "cuda:99"]) == 2
+    assert "jupyter-swarm serve: error: device 'cuda:99' is not usable on this machine" in capsys.readouterr().err
