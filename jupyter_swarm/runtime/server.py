@@ -263,7 +263,7 @@ class BlockServer:
             addrs=list(node.addrs) if node else [], start_block=self.start_block, end_block=self.end_block,
             num_blocks=getattr(self, "num_blocks", None), quant_type=self.quant_type.value,
             dtype=str(span.dtype).removeprefix("torch.") if span is not None else None,
-            weights_bytes=measured_bytes(span) if span is not None else 0,  # quantization scales included
+            weights_bytes=measured_bytes(span.blocks) if span is not None else 0,  # quantization scales included
             throughput=float(self._throughput), moves=self.moves, **served)
 
     def prepare(self) -> None:

@@ -190,11 +190,7 @@ def test_serve_from_the_kernel_and_the_panel(kernel: Kernel) -> None:
                      "p = ServePanel()\n"
                      "print(swarm.wait_serving(120), swarm.serve_blocks, swarm.serve_error)")
     assert kernel.stdout(out).strip() == "serving (4, 8) None", out
-    deadline = time.monotonic() + 30
-    while "(this kernel)" not in plain(out) and time.monotonic() < deadline:
-        out = kernel.run("%swarm peers")
-        time.sleep(1)
-    assert "(this kernel)  4:8  online  float32  int8" in plain(out)
+    assert "(this kernel)  4:8  online  float32  int8" in _peers_once_listed(kernel, "(this kernel)")
     out = kernel.run("import time; time.sleep(1.5)\n"
                      "print(p.serve_button.disabled, p.stop_button.disabled, 'serving blocks 4:8, quant type int8' in "
                      "p.status.value, 'requests served' in p.stats.value, 'cache in use' in p.stats.value, "
@@ -210,15 +206,22 @@ def test_serve_from_the_kernel_and_the_panel(kernel: Kernel) -> None:
     out = kernel.run("p.quant_type.value = 'nf4'; p.start('4:8')\n"  # the panel's quant type choice
                      "print(swarm.wait_serving(120), swarm.snapshot()['serve']['quant_type'])")
     assert kernel.stdout(out).strip() == "serving nf4", out
-    deadline = time.monotonic() + 30
-    while "(this kernel)  4:8  online  float32  nf4" not in plain(out) and time.monotonic() < deadline:
-        out = kernel.run("%swarm peers")
-        time.sleep(1)
-    assert "(this kernel)  4:8  online  float32  nf4" in plain(out)
+    row = "(this kernel)  4:8  online  float32  nf4"
+    assert row in _peers_once_listed(kernel, row)
     out = kernel.run("%swarm stop\np.close()")
     assert "stopped serving" in kernel.stdout(out)
     out = kernel.run("%swarm serve --quant-type q4")
     assert "invalid choice: 'q4'" in kernel.stderr(out)
+
+
+def _peers_once_listed(kernel: Kernel, text: str, timeout: float = 30.0) -> str:
+    """`%swarm peers`, run until its table shows ``text`` (records take an update period to arrive) or time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = plain(kernel.run("%swarm peers"))
+        if text in table or time.monotonic() > deadline:
+            return table
+        time.sleep(1)
 
 
 def test_serve_errors_show_in_the_panel(kernel: Kernel) -> None:
