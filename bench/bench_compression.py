@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 
-from bench_quant import PROMPT, TEXT, model_path  # noqa: E402 - bench/ is on sys.path when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant import PROMPT, TEXT, model_path  # noqa: E402
 
 Codec = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
