@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print every model the swarm serves, its coverage and its servers.")
     status.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR", help=INITIAL_PEERS_HELP)
     status.add_argument("--model-prefix", default=None, help="show only this model")
+    status.add_argument("--probe", action="store_true",
+                        help="connect to every server and show how this machine reaches it: direct, hole-punched "
+                             "(direct after a relayed start), relayed, or unreachable (takes a few seconds)")
     status.add_argument("--json", action="store_true", help="print JSON: per model, its blocks, coverage, missing "
                                                            "blocks and every server's record")
     add_swarm_key_option(status)
@@ -377,13 +380,17 @@ def _stop_when_parent_exits(server: object) -> None:
 def _status(args: argparse.Namespace) -> int:
     from jupyter_swarm.client.status import format_status, map_summary, read_swarm_status
 
-    maps = read_swarm_status(args.initial_peers or [], args.model_prefix, swarm_key=args.swarm_key)
+    links: dict[str, str | None] | None = {} if args.probe else None
+    maps = read_swarm_status(args.initial_peers or [], args.model_prefix, swarm_key=args.swarm_key, links=links)
     if args.json:
         import json
 
-        print(json.dumps({"models": {prefix: map_summary(swarm) for prefix, swarm in maps.items()}}, indent=1))
+        data: dict = {"models": {prefix: map_summary(swarm) for prefix, swarm in maps.items()}}
+        if links is not None:
+            data["links"] = links
+        print(json.dumps(data, indent=1))
     else:
-        print(format_status(maps))
+        print(format_status(maps, links))
     return 0
 
 

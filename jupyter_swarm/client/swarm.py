@@ -88,6 +88,8 @@ class SwarmClient:
         self._map_time = 0.0
         self._rpc_pool: dict[str, list[FramedStream]] = {}
         self.node = join_swarm(initial_peers, swarm_key=swarm_key, identity=identity)
+        # after a hole punch the relayed round trip no longer holds: measure the direct one before routing again
+        self.node.call_sync(self.node.watch_links, lambda peer: self.pings.forget(peer))
         self.store = RecordStore(self.node, serve=False)
 
     # ---- the swarm map ----------------------------------------------------------------------------
@@ -153,11 +155,11 @@ class SwarmClient:
 
     async def _refresh_pings(self, swarm: SwarmMap, start: int, end: int, lists: dict) -> None:
         """Measure round trips to servers not pinged lately: at once the first time, then in the background."""
-        if self._pinging or not any(self.pings.age(s.peer_id) > PING_REFRESH for s in swarm.servers.values()
+        if self._pinging or not any(self.pings.stale(s.peer_id, PING_REFRESH) for s in swarm.servers.values()
                                     if s.start < end and s.end > start):
             return
         stale = servers_to_ping(swarm, start, end, pings=self.pings.to_dict(), limit=MAX_PINGED, rng=self._rng,
-                                stale=lambda peer: self.pings.age(peer) > PING_REFRESH, push=self.push, **lists)
+                                stale=lambda peer: self.pings.stale(peer, PING_REFRESH), push=self.push, **lists)
         if not stale:
             return
         first = not self.pings.to_dict()

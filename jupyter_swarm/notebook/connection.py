@@ -135,6 +135,18 @@ class SwarmConnection:
                              pings=self.client_pings())
         return [(r.peer_id, r.start, r.end) for r in chain]
 
+    def links(self) -> dict[str, str | None]:
+        """How this kernel reaches each server of the last swarm map: "direct", "hole-punched", "relayed", or None
+        (no connection now)."""
+        model, swarm_map = self.model, self.last_map
+        if model is None or swarm_map is None:
+            return {}
+        node = model.swarm.node
+        try:
+            return node.call_sync(lambda: {p: node.link(p) for p in swarm_map.servers})
+        except Exception:  # noqa: BLE001 - a closing connection: nothing to show
+            return {}
+
     def client_pings(self) -> dict[str, float]:
         """The client's own smoothed round-trip times to servers (seconds), as its routing measured them."""
         pings = getattr(self.model.swarm, "pings", None) if self.model is not None else None

@@ -203,14 +203,16 @@ class SwarmMagics(Magics):
             print("no servers announce this model (they may still be starting, or their records expired)")
             return
         own = swarm.serving.own_peer_id()
+        links = swarm.connection.links()
         headers = ["server", "blocks", "state", "dtype", "quant type", "throughput (steps/s)", "free cache (tokens)",
-                   "record expires in"]
+                   "record expires in", "reachability", "from this kernel"]
         rows, lines = [], ["  ".join(headers)]
         for r in records:
             name = r.peer_id[-12:] + (" (this kernel)" if r.peer_id == own else "")
+            reach = r.reachability + (", relays for others" if r.relay else "")
+            link = "-" if r.peer_id == own else (links.get(r.peer_id) or "not connected")
             row = [name, f"{r.start}:{r.end}", r.state.value, r.dtype, r.quant_type, f"{r.throughput:.1f}",
-                   r.cache_tokens_left,
-                   f"{swarm_map.ttl_left.get(r.peer_id, 0):.0f} s"]
+                   r.cache_tokens_left, f"{swarm_map.ttl_left.get(r.peer_id, 0):.0f} s", reach, link]
             rows.append([html.escape(str(c)) for c in row])
             lines.append("  ".join(str(c) for c in row))
         _show("\n".join(lines), _html_table(headers, rows))

@@ -32,6 +32,7 @@ def build_snapshot(connection: SwarmConnection, generation: Generation, serving:
     if connection.last_map is not None:
         data.update(map_summary(connection.last_map))
     data["own_peer_id"] = serving.own_peer_id()
+    data["links"] = connection.links()  # how this kernel reaches each server: direct, hole-punched, relayed
     if generation.last_result is not None:
         r = generation.last_result
         data["last_generation"] = {"tokens": r.tokens, "tokens_per_second": r.tokens_per_second,

@@ -14,6 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from jupyter_swarm.client.status import connection_label, reachability_text
 from jupyter_swarm.notebook.generation import GenerationResult
 from jupyter_swarm.notebook.kernel_swarm import KernelSwarm, get_kernel_swarm
 
@@ -277,7 +278,7 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
                 {"type": "rect", "xref": "x", "yref": "paper", "x0": b - 0.5, "x1": b + 0.5, "y0": 0, "y1": 1,
                  "fillcolor": RED, "opacity": 0.35, "line": {"width": 0}} for b in missing]
             self.coverage_fig.layout.xaxis.range = [-0.5, n - 0.5]
-        self._draw_graph(records, chain, own)
+        self._draw_graph(records, chain, own, self.swarm.connection.links())
         state = (f"<span style='color:{GREEN}'>all {n} blocks covered</span>" if not missing
                  else f"<span style='color:{RED}'>holes at blocks {missing}</span>")
         self.header.value = (f"<b>Swarm map of {html.escape(swarm_map.model_prefix)}</b>: {len(swarm_map.online())} "
@@ -285,7 +286,8 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
                              f"{time.strftime('%H:%M:%S')})</span>")
         self.strip.value = coverage_strip(swarm_map.coverage())
 
-    def _draw_graph(self, records: list[Any], chain: list[tuple[str, int, int]], own: str | None) -> None:
+    def _draw_graph(self, records: list[Any], chain: list[tuple[str, int, int]], own: str | None,
+                    links: dict[str, str | None]) -> None:
         pos: dict[str, tuple[float, float]] = {"client": (-1.5, 0.0)}
         for i, r in enumerate(records):  # x: where its span lies; y: one row per server
             pos[r.peer_id] = ((r.start + r.end) / 2, 1.0 + i * 0.8)
@@ -299,13 +301,15 @@ class SwarmMapWidget(widgets.VBox, _Refresher):
                 colors.append("#1976d2")
                 hovers.append("client")
             else:
+                reach = connection_label(record.reachability, links.get(key))
                 labels.append(f"{key[-6:]} [{record.start}:{record.end}] {record.quant_type}"
-                              + (" (you)" if key == own else ""))
+                              + (" (you)" if key == own else f" {reach}"))
                 colors.append(ORANGE if any(p == key for p, _, _ in chain) else
                               (GREEN if record.state.value == "online" else GREY))
                 hovers.append(f"{key}<br>blocks {record.start}:{record.end}<br>{record.state.value}<br>"
                               f"{record.dtype}, quant type {record.quant_type}<br>"
-                              f"{record.throughput:.1f} steps/s<br>{record.cache_tokens_left} cache tokens free")
+                              f"{record.throughput:.1f} steps/s<br>{record.cache_tokens_left} cache tokens free<br>"
+                              f"{html.escape(reachability_text(record, links))}")
         link_x: list[Any] = []
         link_y: list[Any] = []
         for r in records:  # every server reachable from the client

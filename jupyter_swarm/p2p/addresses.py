@@ -70,6 +70,18 @@ def is_public(addr: multiaddr.Multiaddr | str) -> bool:
     return ip is not None and ip.is_global
 
 
+_LAN_NETWORKS = [ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
+    "fc00::/7", "fe80::/10", "::1/128")]
+
+
+def is_lan(addr: multiaddr.Multiaddr | str) -> bool:
+    """An address that only its own network can reach: RFC 1918 and carrier-grade NAT ranges, link-local, loopback
+    (documentation and other reserved ranges are not: tests use them for their "internet")."""
+    ip = ip_of(addr)
+    return ip is not None and any(ip in net for net in _LAN_NETWORKS if net.version == ip.version)
+
+
 def dialable(addr: multiaddr.Multiaddr | str) -> bool:
     """Whether an announced address can be dialed at all: a wildcard (``0.0.0.0``) or port 0 cannot."""
     if is_circuit(addr):

@@ -2,7 +2,9 @@
 
 Each peer answers dial-back requests (py-libp2p's ``AutoNATService``: only addresses on the requester's observed IP,
 never over a relay) and asks the peers it is directly connected to. It is **public** once ``required`` peers reached
-it, **private** once ``required`` peers could not and none could.
+it, **private** once ``required`` peers could not and none could. A peer that reached it at a LAN address (10.x,
+192.168.x, loopback...) only shows that its own network can, so that answer is no vote: a notebook next to a server
+in the same home was otherwise told it is public.
 
 py-libp2p 0.8.1's server "dials back" with ``host.connect``, which returns the connection the request came on, so
 every peer was told it is public. :class:`DialBackService` dials a fresh connection instead (TCP plus the security
@@ -25,7 +27,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.security.pnet.protector import new_protected_conn
 
-from jupyter_swarm.p2p.addresses import interface_addrs, ip_of, is_circuit, is_loopback, tcp_port_of
+from jupyter_swarm.p2p.addresses import interface_addrs, ip_of, is_circuit, is_lan, is_loopback, tcp_port_of
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,11 @@ class ReachabilityProbe:
             logger.debug("AutoNAT request to %s failed: %r", peer, e)
             return None
         if status == Message.OK:
-            verdict = Verdict(True, str(multiaddr.Multiaddr(addr)) if addr else None, time.monotonic())
+            reached = str(multiaddr.Multiaddr(addr)) if addr else None
+            if reached is None or is_lan(reached):
+                logger.debug("AutoNAT: %s reached this peer on its own network (%s): no vote", peer, reached)
+                return None
+            verdict = Verdict(True, reached, time.monotonic())
         elif status == Message.E_DIAL_ERROR:
             verdict = Verdict(False, None, time.monotonic())
         else:  # refused (no address on the IP it sees us at, rate limit) or bad request: no verdict

@@ -58,6 +58,7 @@ class HolePuncher(DCUtRProtocol):
     def __init__(self, host: Any, dial_timeout: int = 5, *, known_to_fail: Callable[[str], bool] = lambda a: False):
         super().__init__(host, dial_timeout=dial_timeout)
         self.known_to_fail = known_to_fail  # addresses our dialer just failed to reach (p2p/dialing.py)
+        self.on_punched: Callable[[str], None] = lambda peer: None  # a relayed peer became direct
         self.punched: set[str] = set()  # peers now reached directly thanks to a hole punch
         self.failed: set[str] = set()  # peers whose hole punches all failed (they stay relayed)
         self._driving: set[ID] = set()
@@ -90,6 +91,7 @@ class HolePuncher(DCUtRProtocol):
         if succeeded:
             self.punched.add(str(peer_id))
             self.failed.discard(str(peer_id))
+            self.on_punched(str(peer_id))
         elif self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
             self.failed.add(str(peer_id))
         return succeeded

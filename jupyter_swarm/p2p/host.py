@@ -367,6 +367,12 @@ class P2PNode:
             self._dials.pop(peer_id, None)
             pending.done.set()
 
+    def watch_links(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(peer_id)`` (on the trio thread) whenever the path to a peer changes, e.g. a hole punch
+        made a relayed peer direct: round-trip times measured before no longer hold."""
+        assert self.reach is not None
+        self.reach.link_listeners.append(listener)
+
     def link(self, peer_id: str) -> str | None:
         """How this peer reaches ``peer_id`` now: "direct", "hole-punched", "relayed" or None (call on the trio
         thread)."""

@@ -19,6 +19,7 @@ PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")  # every py-libp2p host answers it
 PING_TIMEOUT = 2.0
 EMA_ALPHA = 0.2
 EXPIRATION = 300.0
+RETRY_FAILED_AFTER = 5.0  # a peer that did not answer is pinged again this soon (a relayed dial can take seconds)
 
 
 class PingAggregator:
@@ -28,6 +29,7 @@ class PingAggregator:
         self.alpha = alpha
         self.expiration = expiration
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (ema, monotonic time of last sample)
+        self._failed: set[str] = set()  # peers whose last ping got no answer
 
     def add(self, peer_id: str, rtt: float) -> None:
         now = time.monotonic()
@@ -37,10 +39,24 @@ class PingAggregator:
         else:
             value = self.alpha * rtt + (1 - self.alpha) * old[0]
         self._rtt[peer_id] = (value, now)
+        self._failed.discard(peer_id)
 
     def failed(self, peer_id: str) -> None:
-        """A ping that got no answer counts as a very slow one (unreachable peers are not preferred)."""
+        """A ping that got no answer counts as a very slow one (unreachable peers are not preferred), and the peer is
+        pinged again after RETRY_FAILED_AFTER rather than the usual refresh period."""
         self.add(peer_id, PING_TIMEOUT * 2)
+        self._failed.add(peer_id)
+
+    def forget(self, peer_id: str) -> None:
+        """Drop what was measured: the path changed (a hole punch made a relayed peer direct), measure it anew."""
+        self._rtt.pop(peer_id, None)
+        self._failed.discard(peer_id)
+
+    def stale(self, peer_id: str, refresh: float) -> bool:
+        """Whether ``peer_id`` is due for a ping: never measured, measured over ``refresh`` s ago, or its last ping
+        failed over RETRY_FAILED_AFTER s ago."""
+        age = self.age(peer_id)
+        return age > refresh or (peer_id in self._failed and age > RETRY_FAILED_AFTER)
 
     def get(self, peer_id: str) -> float | None:
         entry = self._rtt.get(peer_id)
@@ -56,6 +72,7 @@ class PingAggregator:
         now = time.monotonic()
         for peer in [p for p, (_, t) in self._rtt.items() if now - t > self.expiration]:
             del self._rtt[peer]
+            self._failed.discard(peer)
         return {p: v for p, (v, _) in self._rtt.items()}
 
 

@@ -81,6 +81,9 @@ class Reachability:
         self.known_relays: list[str] = []  # peers announced as relays (their records)
         self._explicit_relays: list[str] = []
         self.changed = trio.Event()
+        self.link_listeners: list[Callable[[str], None]] = []  # called (on the trio thread) when a peer's path changes
+        if self.puncher is not None:
+            self.puncher.on_punched = self._link_changed
 
     # ---- status ----------------------------------------------------------------------------------------
     @property
@@ -145,6 +148,13 @@ class Reachability:
         # Behind NAT (or not yet known) without a slot: settled once every candidate relay has been asked.
         untried = [p for p in self._relay_candidates() if p not in self.reservations.failed]
         return not (self.options.use_relays and untried)
+
+    def _link_changed(self, peer_id: str) -> None:
+        for listener in self.link_listeners:
+            try:
+                listener(peer_id)
+            except Exception:  # noqa: BLE001 - one listener's failure does not stop the others
+                logger.exception("link listener failed")
 
     def poke(self) -> None:
         """Run the next check now (a new peer connected, a relay was announced)."""

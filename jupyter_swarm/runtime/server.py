@@ -221,6 +221,7 @@ class BlockServer:
             # Peers behind NAT learn that they are and take relay slots before announcing their addresses.
             self.node.call(self.node.reach.wait_settled, SETTLE_TIMEOUT)  # type: ignore[union-attr]
             self.node.addresses.on_change = self._addresses_changed
+            self.node.call_sync(self.node.watch_links, lambda peer: self.pings.forget(peer))
             self._enter_stage(STARTING_STAGES[1], " where the swarm needs them" if self.auto else
                               f": {self.start_block}:{self.end_block}, as given")
             if self.auto:

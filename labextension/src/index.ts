@@ -17,6 +17,8 @@ interface IServer {
   quant_type?: string;
   throughput: number;
   cache_tokens_left: number;
+  reachability?: string; // what the server announces: public, relayed (behind NAT), private, local, unknown
+  relay?: boolean; // it relays for peers behind NAT
 }
 
 interface IServe {
@@ -43,6 +45,7 @@ interface IKernelState {
   missing_blocks?: number[];
   servers?: IServer[];
   own_peer_id?: string | null;
+  links?: { [peerId: string]: string | null }; // how this kernel reaches each server: direct, hole-punched, relayed
   gpu: boolean;
   serve: IServe;
 }
@@ -57,6 +60,11 @@ async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
     throw new Error(data.error || response.statusText);
   }
   return data as T;
+}
+
+/** How this kernel reaches a server now (direct, hole-punched, relayed), else what the server announces. */
+function reach(k: IKernelState, s: IServer): string {
+  return (k.links || {})[s.peer_id] || s.reachability || 'unknown';
 }
 
 function el(tag: string, cls = '', text = ''): HTMLElement {
@@ -207,7 +215,7 @@ class SwarmPanel extends Widget {
           }
           cell.title =
             `${s.peer_id}\nblocks ${s.start}:${s.end}, ${s.state}, ${s.dtype ?? ''} ${s.quant_type ?? 'none'}, ` +
-            `${s.throughput.toFixed(1)} steps/s`;
+            `${s.throughput.toFixed(1)} steps/s, ${reach(k, s)}`;
         }
         grid.appendChild(cell);
       }
@@ -226,7 +234,7 @@ class SwarmPanel extends Widget {
   private renderServers(k: IKernelState): void {
     const table = el('table', 'jp-SwarmPanel-table');
     const head = el('tr');
-    ['server', 'blocks', 'state', 'quant', 'steps/s'].forEach(h => head.appendChild(el('th', '', h)));
+    ['server', 'blocks', 'state', 'quant', 'steps/s', 'reach'].forEach(h => head.appendChild(el('th', '', h)));
     table.appendChild(head);
     for (const s of k.servers || []) {
       const row = el('tr', 'jp-SwarmPanel-server');
@@ -238,6 +246,11 @@ class SwarmPanel extends Widget {
         s.quant_type ?? 'none',
         s.throughput.toFixed(1)
       ].forEach(v => row.appendChild(el('td', '', v)));
+      const reachCell = el('td', 'jp-SwarmPanel-reach', own ? s.reachability || '' : reach(k, s));
+      reachCell.title =
+        `announces: ${s.reachability || 'unknown'}${s.relay ? ', relays for others' : ''}` +
+        (own ? '' : `; from this kernel: ${(k.links || {})[s.peer_id] || 'not connected'}`);
+      row.appendChild(reachCell);
       table.appendChild(row);
     }
     this.servers.appendChild(table);

@@ -222,6 +222,9 @@ def test_quickstart_in_jupyterlab(page, lab, smollm2_dir) -> None:
     assert panel.locator(".jp-SwarmPanel-count").count() == 30
     assert panel.locator(".jp-SwarmPanel-server").count() == 3
     assert panel.locator(".jp-SwarmPanel-server td:nth-child(4)").all_inner_texts() == ["none"] * 3  # quant type
+    # how the kernel reaches each server (a local swarm: directly; across NATs: hole-punched or relayed)
+    reach = panel.locator(".jp-SwarmPanel-reach")
+    assert reach.count() == 3 and set(reach.all_inner_texts()) <= {"direct", "local"}, reach.all_inner_texts()
     page.wait_for_selector("#jp-main-statusbar .jp-SwarmStatus:has-text('SmolLM2-135M-Instruct')")
     shot(page, "07-sidebar")
     button = panel.locator(".jp-SwarmPanel-serveButton")

@@ -3,7 +3,7 @@ another home (Linux network namespaces; tests/support/netns.py).
 
 One topology serves the whole module:
 
-    internet   bootstrap B (records, relay, AutoNAT); relay R2 (a second bootstrap node)
+    internet   bootstrap B (records, relay, AutoNAT); relay R2 (a second bootstrap node); s0: blocks 2:4 (public)
     home 1     s1: blocks 0:2
     home 2     s2: blocks 2:4, spare: blocks 0:2 (kept out of routes until a test lets the client use it)
     home 3     the client (tests/support/remote_client.py)
@@ -16,14 +16,16 @@ What each test saw (links per server, stall after a kill) goes to test-artifacts
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.nat_swarm import BootstrapProcess, start_client, start_server
+from tests.support.nat_swarm import REPO, BootstrapProcess, start_client, start_server
 from tests.support.netns import Topology, unavailable_reason
+from tests.support.notebook_runner import NotebookRunner
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=f"NAT tests: {REASON}")]
@@ -57,7 +59,8 @@ class Nat:
         self.s2 = start_server(topo, h2.host, path, 2, 4, peers)
         self.spare = start_server(topo, h2.host, path, 0, 2, peers)
         self.s4 = start_server(topo, h4.host, path, 2, 4, peers, ["--relay", *self.relay2.addrs])
-        self.servers = [self.s1, self.s2, self.spare, self.s4]
+        self.s0 = start_server(topo, topo.internet, path, 2, 4, peers)
+        self.servers = [self.s1, self.s2, self.spare, self.s4, self.s0]
         for server in self.servers:
             server.wait_ready()
         self.client = start_client(topo, h3.host, str(tmp / "client.log"))
@@ -111,6 +114,18 @@ def test_servers_behind_nat_announce_circuits_and_reachability(nat):
                if "/p2p-circuit" in a), "s4 was told to use relay R2 only"
 
 
+def test_a_server_on_the_internet_is_confirmed_public_and_relays_for_others(nat):
+    deadline = time.monotonic() + 40
+    while True:
+        record = nat.client.ask(cmd="map")["servers"][nat.s0.peer_id]
+        if (record["reachability"] == "public" and record["relay"]) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert record["reachability"] == "public" and record["relay"], record  # two peers dialed it back
+    assert not any("/p2p-circuit" in a for a in record["addrs"]), record["addrs"]  # no relay slot needed
+    assert any(a.startswith("/ip4/203.0.113.1/") for a in record["addrs"]), record["addrs"]
+
+
 @pytest.mark.parametrize("push", [True, False], ids=["relayed-steps", "client-driven"])
 def test_generation_across_nats_equals_local_then_goes_direct(nat, expected, push):
     chain = [nat.s1.peer_id, nat.s2.peer_id]
@@ -138,6 +153,14 @@ def test_generation_through_relay_when_hole_punching_is_impossible(nat, expected
     assert again["tokens"] == expected
     _report("links (symmetric NAT)", again["links"])
     assert again["links"][nat.s4.peer_id] == "relayed"
+    # routing knows what the relayed hop costs: its round trip was measured through the relay (an unmeasured peer
+    # would count as 0.15 s, a failed ping as 4 s)
+    deadline = time.monotonic() + 20
+    while (rtt := nat.client.ask(cmd="pings")["pings"].get(nat.s4.peer_id)) in (None, 4.0) and \
+            time.monotonic() < deadline:
+        time.sleep(1)
+    _report("relayed round trip to s4 (s)", rtt)
+    assert rtt is not None and rtt < 2.0, rtt
 
 
 def test_a_circuit_through_a_relay_without_reservation_is_refused_quickly(nat, expected):
@@ -156,6 +179,41 @@ def test_a_circuit_through_a_relay_without_reservation_is_refused_quickly(nat, e
     assert result["tokens"] == expected
     assert liar.peer_id not in [r[0] for r in result["routes"]]
     liar.kill()
+
+
+def test_status_shows_how_each_server_is_reached_from_another_home(nat):
+    command = [sys.executable, "-m", "jupyter_swarm.cli", "status", "--probe", "--initial-peers", *nat.boot.addrs]
+    result = nat.topo.run(nat.topo.homes[2].host, command, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = {server.peer_id: next(line for line in result.stdout.splitlines() if server.peer_id in line)
+             for server in (nat.s1, nat.s4)}
+    _report("status --probe from home 3", {peer[-8:]: line.split("reachability", 1)[1] for peer, line in lines.items()})
+    assert "reachability relayed" in lines[nat.s1.peer_id] and "from here hole-punched" in lines[nat.s1.peer_id]
+    assert "reachability relayed" in lines[nat.s4.peer_id] and "from here relayed" in lines[nat.s4.peer_id]
+
+
+def test_a_notebook_kernel_at_home_serves_blocks_that_a_client_elsewhere_uses(nat, expected, tmp_path):
+    kernel = NotebookRunner(nat.topo.command(nat.topo.homes[0].host, []), cwd=REPO,
+                            log_path=str(tmp_path / "kernel.log"))
+    try:
+        for cell in ("%load_ext jupyter_swarm", f"%swarm connect {nat.path} --peers {' '.join(nat.boot.addrs)}",
+                     "%swarm serve --blocks 0:2"):
+            outcome = kernel.run(cell)
+            assert outcome["error"] is None, (cell, outcome)
+        outcome = kernel.run("print('SERVING', swarm.serving.wait_serving(300), swarm.serving.own_peer_id())")
+        _, state, peer = outcome["text"].split()
+        assert state == "serving", outcome
+        result = nat.generate(push=True, allowed=[peer, nat.s2.peer_id])
+        assert result["tokens"] == expected
+        assert [r[0] for r in result["routes"]] == [peer, nat.s2.peer_id]
+        peers = kernel.run("%swarm peers")["text"]
+        _report("%swarm peers in the home-1 kernel", peers)
+        own_row = next(line for line in peers.splitlines() if "(this kernel)" in line)
+        assert "relayed" in own_row  # behind NAT, reachable through the bootstrap's relay
+        s4_row = next(line for line in peers.splitlines() if nat.s4.peer_id[-12:] in line)
+        assert "relayed" in s4_row
+    finally:
+        kernel.close()
 
 
 def test_relay_dropping_circuits_mid_generation_fails_over(nat, expected):

@@ -14,6 +14,8 @@ Commands:
     {"cmd": "links"}                      -> {"links": {peer: kind}} for every server in the swarm map
     {"cmd": "map"}                        -> {"servers": {peer: {"reachability": ..., "addrs": [...], ...}}}
     {"cmd": "ping", "peers": [...]}       -> {"rtt": {peer: seconds | null}}
+    {"cmd": "pings"}                      -> {"pings": {peer: seconds}}: the round trips routing uses (asks for a
+                                             route first, which refreshes stale ones in the background)
     {"cmd": "dial", "peer": peer, "timeout": s} -> {"seconds": s, "error": null | "<type>: <message>"}
     {"cmd": "quit"}
 Errors come back as {"error": "<type>: <message>"}.
@@ -117,6 +119,14 @@ def main() -> None:
                 assert model is not None, "connect first"
                 node = model.swarm.node
                 _say({"rtt": {p: node.call(ping_peer, node, p, 10.0) for p in request["peers"]}})
+            elif cmd == "pings":
+                assert model is not None, "connect first"
+                swarm_client = model.swarm
+                try:
+                    swarm_client.node.call(swarm_client.route, 0, swarm_client.num_blocks)
+                except Exception:  # noqa: BLE001 - a missing block does not stop the pings
+                    pass
+                _say({"pings": swarm_client.node.call_sync(swarm_client.pings.to_dict)})
             elif cmd == "dial":
                 assert model is not None, "connect first"
                 node = model.swarm.node
