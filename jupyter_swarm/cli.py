@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=QUANT_TYPE_HELP + " (default: auto); --memory-mib sizing counts quantized bytes")
     serve.add_argument("--cache-mib", type=int, default=512, help="attention cache budget in MiB (default 512)")
     serve.add_argument("--max-session-length", type=int, default=8192, help="longest inference session in tokens")
+    serve.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                       help="a per-peer limit of this server (repeatable), e.g. sessions_per_peer=32, "
+                            "requests_in_flight_per_peer=8, cache_share_per_peer=0.5, bytes_per_second_per_peer, "
+                            "burst_bytes_per_peer, evict_idle_after=1 (seconds a session must be idle before it may "
+                            "be evicted when the cache is full); see jupyter_swarm/runtime/limits.py")
     serve.add_argument("--update-period", type=float, default=30.0, metavar="SECONDS",
                        help="how often the server refreshes its records; they expire after twice this")
     serve.add_argument("--model-prefix", default=None, help="name of the model in the swarm (default: the "
@@ -243,6 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
     from jupyter_swarm.errors import ConfigurationError
     from jupyter_swarm.models import load_model_config
     from jupyter_swarm.p2p.addresses import INITIAL_PEERS_ENV, resolve_initial_peers
+    from jupyter_swarm.runtime.limits import ServerLimits
     from jupyter_swarm.runtime.server import BlockServer, ServerConfig, num_blocks_of, parse_blocks_option
 
     if args.torch_threads:
@@ -271,7 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve_blocks=args.num_blocks, balance_period=args.balance_period, bandwidth_mbps=args.bandwidth_mbps,
         memory_bytes=None if args.memory_mib is None else args.memory_mib * 2**20, adapters=args.adapters,
         swarm_key=args.swarm_key, allowed_peers=args.allow_peers, progress=sys.stderr.isatty(),
-        network=network_options(args))
+        network=network_options(args), limits=ServerLimits().with_options(args.limit))
     server = BlockServer(config)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     if args.stop_with_parent:

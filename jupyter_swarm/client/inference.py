@@ -22,7 +22,8 @@ import trio
 
 from jupyter_swarm.client.routing import SpanRoute
 from jupyter_swarm.client.swarm import SwarmClient
-from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError, ProtocolError, RemoteError, SwarmError
+from jupyter_swarm.errors import (ConfigurationError, PeerUnavailableError, ProtocolError, RemoteError,
+                                  SessionEvictedError, SwarmError)
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
 from jupyter_swarm.wire.messages import decode
@@ -327,8 +328,11 @@ class InferenceSession:
 
     def _note_failure(self, peer_id: str, error: Exception) -> None:
         self.failovers += 1
-        logger.warning("server %s failed (%s); routing around it", peer_id, error)
-        self.swarm.bans.ban(peer_id)
+        if isinstance(error, SessionEvictedError):  # the server is fine, only short of memory: no ban
+            logger.info("server %s evicted this idle session (%s); replaying it", peer_id, error)
+        else:
+            logger.warning("server %s failed (%s); routing around it", peer_id, error)
+            self.swarm.bans.ban(peer_id)
         if self.failovers > MAX_FAILOVERS * max(1, self.swarm.num_blocks):
             raise PeerUnavailableError(f"giving up after {self.failovers} server failures; last: {error}") from error
 

@@ -24,7 +24,7 @@ from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.wire.messages import Message, decode
-from jupyter_swarm.wire.protocols import RPC
+from jupyter_swarm.wire.protocols import RPC, RPC_MAX_IN_FLIGHT
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -87,6 +87,7 @@ class SwarmClient:
         self._map: SwarmMap | None = None
         self._map_time = 0.0
         self._rpc_pool: dict[str, list[FramedStream]] = {}
+        self._rpc_slots: dict[str, trio.CapacityLimiter] = {}  # RPC_MAX_IN_FLIGHT requests per server at once
         self.node = join_swarm(initial_peers, swarm_key=swarm_key, identity=identity)
         # after a hole punch the relayed round trip no longer holds: measure the direct one before routing again
         self.node.call_sync(self.node.watch_links, lambda peer: self.pings.forget(peer))
@@ -179,20 +180,23 @@ class SwarmClient:
     # ---- requests to servers ---------------------------------------------------------------------------
     async def rpc(self, peer_id: str, request: Message, reply_kind: type[M], **context: object) -> M:
         """Send a forward/backward/info request to a server over a pooled stream and return its reply (read with
-        ``context``: the shapes the reply's tensors must have)."""
-        pool = self._rpc_pool.setdefault(peer_id, [])
-        stream = pool.pop() if pool else await self.node.open_stream(peer_id, RPC)
-        try:
-            with trio.fail_after(self.request_timeout):
-                await stream.send(request.encode())
-                reply = await stream.recv()
-        except trio.TooSlowError:
-            await stream.reset()
-            raise PeerUnavailableError(f"server {peer_id} did not answer within {self.request_timeout:g} s") from None
-        except BaseException:
-            await stream.reset()
-            raise
-        pool.append(stream)
+        ``context``: the shapes the reply's tensors must have). At most RPC_MAX_IN_FLIGHT requests go to one server
+        at once (the rest wait here), within what servers take from one peer (wire/protocols.py)."""
+        slots = self._rpc_slots.setdefault(peer_id, trio.CapacityLimiter(RPC_MAX_IN_FLIGHT))
+        async with slots:
+            pool = self._rpc_pool.setdefault(peer_id, [])
+            stream = pool.pop() if pool else await self.node.open_stream(peer_id, RPC)
+            try:
+                with trio.fail_after(self.request_timeout):
+                    await stream.send(request.encode())
+                    reply = await stream.recv()
+            except trio.TooSlowError:
+                await stream.reset()
+                raise PeerUnavailableError(f"server {peer_id} did not answer within {self.request_timeout:g} s") from None
+            except BaseException:
+                await stream.reset()
+                raise
+            pool.append(stream)
         return decode(reply, reply_kind, **context)
 
     def close(self) -> None:

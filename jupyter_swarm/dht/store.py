@@ -30,7 +30,7 @@ from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, RemoteErro
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
 from jupyter_swarm.wire.messages import Message, decode, decode_any, error_message
-from jupyter_swarm.wire.protocols import RECORDS, RECORDS_MAX_REPLY_BYTES, RECORDS_MAX_REQUEST_BYTES
+from jupyter_swarm.wire.protocols import RECORDS, RECORDS_MAX_REPLY_BYTES, RECORDS_MAX_REQUEST_BYTES, RECORDS_STREAMS
 from jupyter_swarm.wire.records import MAX_KEYS_PER_GET, MAX_KEYS_PER_STORE, Found, Get, Store, Stored
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class RecordStore:
         self._answered: set[str] = set()
         self._failing: dict[str, float] = {}
         if serve:
-            node.set_handler(PROTOCOL, self._handle)
+            node.set_handler(PROTOCOL, self._handle, RECORDS_STREAMS)
 
     # ---- which peers hold a key ---------------------------------------------------------------
     def _candidates(self) -> set[str]:

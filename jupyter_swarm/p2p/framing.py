@@ -6,7 +6,7 @@ peer as a failure immediately instead of waiting for a timeout.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
@@ -29,9 +29,12 @@ class FramedStream:
     DEFAULT_MAX_FRAME_BYTES, since a reply may be larger than the request its protocol allows.
     """
 
-    def __init__(self, stream: INetStream, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+    def __init__(self, stream: INetStream, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 throttle: Callable[[int], Awaitable[None]] | None = None):
+        """``throttle(size)`` is awaited before a frame of ``size`` bytes is read (the peer's byte rate)."""
         self._stream = stream
         self.max_frame_bytes = max_frame_bytes
+        self._throttle = throttle
         self.remote_peer = str(stream.muxed_conn.peer_id)
         self._buffer = bytearray()
 
@@ -51,6 +54,8 @@ class FramedStream:
         if size > self.max_frame_bytes:
             raise FrameTooLargeError(
                 f"peer {self.remote_peer} announced a {size}-byte message, over the {self.max_frame_bytes}-byte limit")
+        if self._throttle is not None:
+            await self._throttle(_HEADER_BYTES + size)  # before reading it: flow control then slows the peer down
         await self._fill(_HEADER_BYTES + size)
         payload = bytes(self._buffer[_HEADER_BYTES:_HEADER_BYTES + size])
         del self._buffer[:_HEADER_BYTES + size]

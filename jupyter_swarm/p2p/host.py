@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import partial
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.p2p.addresses import AnnouncedAddresses, all_loopback
 from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
+from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.p2p.identity import new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions, Reachability
 from jupyter_swarm.p2p.security import SwarmSecurity, security_options
@@ -109,9 +111,11 @@ class P2PNode:
         swarm_key: SwarmKey | None = None,
         allowed_peers: Collection[str] | None = None,
         network: NetworkOptions | None = None,
+        byte_rate: PeerByteRate | None = None,
     ):
         """``swarm_key``: connect only to peers holding it (a private swarm); ``allowed_peers``: connect only to
-        these peer ids (see p2p/security.py); ``network``: reachability (relays, relay service, hole punching)."""
+        these peer ids (see p2p/security.py); ``network``: reachability (relays, relay service, hole punching);
+        ``byte_rate``: how fast each peer may send us frames on the streams it opens (see p2p/peer_limits.py)."""
         self.identity = identity or new_identity()
         self.swarm_key = swarm_key
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
@@ -128,7 +132,9 @@ class P2PNode:
         self._token: trio.lowlevel.TrioToken | None = None
         self._stopped: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
-        self._handlers: dict[str, StreamHandler] = {}
+        self._handlers: dict[str, tuple[StreamHandler, StreamQuota | None]] = {}
+        self.streams = StreamCounter()
+        self.byte_rate = byte_rate
         self.host: Any = None
         self.dht: KadDHT | None = None
         self._lock = threading.Lock()
@@ -173,8 +179,8 @@ class P2PNode:
                                       connect=self.connect)
             self.dht = KadDHT(self.host, self._dht_mode)
             async with background_trio_service(self.dht):
-                for protocol, handler in self._handlers.items():
-                    self._install_handler(protocol, handler)
+                for protocol, (handler, quota) in self._handlers.items():
+                    self._install_handler(protocol, handler, quota)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(self.reach.run)
@@ -259,15 +265,22 @@ class P2PNode:
         return [f"{a}/p2p/{self.peer_id}" for a in self.addresses.announced()]
 
     # ---- handlers, connections and streams --------------------------------------------------------
-    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
-        """Serve ``protocol``: each incoming stream is passed to ``handler`` as a FramedStream."""
-        self._handlers[protocol] = handler
+    def set_handler(self, protocol: str, handler: StreamHandler, quota: StreamQuota | None = None) -> None:
+        """Serve ``protocol``: each incoming stream is passed to ``handler`` as a FramedStream. With a ``quota``,
+        a stream past it (too many open from that peer, or from everyone) is reset before the handler sees it."""
+        self._handlers[protocol] = (handler, quota)
         if self.host is not None:
-            self.call_sync(self._install_handler, protocol, handler)
+            self.call_sync(self._install_handler, protocol, handler, quota)
 
-    def _install_handler(self, protocol: str, handler: StreamHandler) -> None:
+    def _install_handler(self, protocol: str, handler: StreamHandler, quota: StreamQuota | None) -> None:
         async def wrapped(raw_stream: Any) -> None:
-            stream = FramedStream(raw_stream)
+            peer = str(raw_stream.muxed_conn.peer_id)
+            if quota is not None and not self.streams.try_open(protocol, peer, quota):
+                logger.debug("refusing a %s stream from %s: over its quota %s", protocol, peer, quota)
+                await FramedStream(raw_stream).reset()
+                return
+            throttle = None if self.byte_rate is None else partial(self.byte_rate.take, peer)
+            stream = FramedStream(raw_stream, throttle=throttle)
             try:
                 await handler(stream)
             except PeerUnavailableError:
@@ -275,6 +288,8 @@ class P2PNode:
             except Exception:
                 logger.exception("handler for %s failed on a stream from %s", protocol, stream.remote_peer)
             finally:
+                if quota is not None:
+                    self.streams.closed(protocol, peer)
                 await stream.close()
 
         self.host.set_stream_handler(TProtocol(protocol), wrapped)

@@ -13,7 +13,7 @@ from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.runtime.bandwidth import serve_speedtest
-from jupyter_swarm.wire.protocols import SPEEDTEST
+from jupyter_swarm.wire.protocols import SPEEDTEST, SPEEDTEST_STREAMS
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class BootstrapNode:
                             swarm_key=resolve_swarm_key(cfg.swarm_key), network=cfg.network).start()
         try:
             self.store = RecordStore(self.node, serve=True)
-            self.node.set_handler(SPEEDTEST, serve_speedtest)  # servers joining through it measure their link
+            self.node.set_handler(SPEEDTEST, serve_speedtest, SPEEDTEST_STREAMS)  # servers joining through it measure their link
             if cfg.initial_peers:
                 self.node.call(self.node.join, cfg.initial_peers)
         except BaseException:

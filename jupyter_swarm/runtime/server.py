@@ -25,10 +25,12 @@ from jupyter_swarm.models.quantization import (QuantType, check_device, check_de
                                                parse_quant_type, weight_bytes)
 from jupyter_swarm.p2p.addresses import default_listen
 from jupyter_swarm.p2p.host import P2PNode
+from jupyter_swarm.p2p.peer_limits import PeerByteRate
 from jupyter_swarm.p2p.identity import load_or_create_identity, new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions
 from jupyter_swarm.p2p.swarm_key import SwarmKey, resolve_swarm_key
 from jupyter_swarm.runtime.adapters import ServedAdapters
+from jupyter_swarm.runtime.limits import ServerLimits
 from jupyter_swarm.runtime.block_selection import BALANCE_QUALITY, choose_span, should_move, span_length_for_memory
 from jupyter_swarm.runtime.server_status import (SERVED_COUNTERS, SERVING, STARTING_STAGES, STOPPED, ServerStatus,
                                                  stage_step)
@@ -36,7 +38,8 @@ from jupyter_swarm.p2p.pings import PingAggregator, ping_many
 from jupyter_swarm.runtime.service import SpanService
 from jupyter_swarm.runtime.bandwidth import measure_bandwidth_to_any, serve_speedtest
 from jupyter_swarm.runtime.throughput import ThroughputInfo, get_throughput
-from jupyter_swarm.wire.protocols import INFERENCE, PUSH, RPC, SPEEDTEST
+from jupyter_swarm.wire.protocols import (INFERENCE, INFERENCE_STREAMS, PUSH, PUSH_STREAMS, RPC, RPC_STREAMS, SPEEDTEST,
+                                          SPEEDTEST_STREAMS)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +169,7 @@ class ServerConfig:
     allowed_peers: list[str] | None = None  # connect only with these peer ids (servers and clients); None: anyone
     progress: bool = False  # tqdm bars while loading blocks and measuring throughput (`serve` on a terminal)
     network: NetworkOptions = field(default_factory=NetworkOptions)  # relays, relay service, hole punching
+    limits: ServerLimits = field(default_factory=ServerLimits)  # what one peer may use (runtime/limits.py)
 
 
 class BlockServer:
@@ -209,12 +213,14 @@ class BlockServer:
         self.prepare()
         identity = load_or_create_identity(cfg.identity_path) if cfg.identity_path else new_identity()
         self.swarm_key = resolve_swarm_key(cfg.swarm_key)
+        byte_rate = PeerByteRate(cfg.limits.bytes_per_second_per_peer, cfg.limits.burst_bytes_per_peer)
         listen = cfg.listen or default_listen(cfg.initial_peers)
         self.node = P2PNode(identity=identity, listen=listen, announce=cfg.announce_addrs,
-                            swarm_key=self.swarm_key, allowed_peers=cfg.allowed_peers, network=cfg.network).start()
+                            swarm_key=self.swarm_key, allowed_peers=cfg.allowed_peers, network=cfg.network,
+                            byte_rate=byte_rate).start()
         try:
             self.store = RecordStore(self.node)
-            self.node.set_handler(SPEEDTEST, serve_speedtest)
+            self.node.set_handler(SPEEDTEST, serve_speedtest, SPEEDTEST_STREAMS)
             self._enter_stage(STARTING_STAGES[0], f" through {len(cfg.initial_peers)} initial peer(s)"
                               if cfg.initial_peers else " (a new swarm)")
             self._join(cfg.initial_peers)
@@ -234,9 +240,9 @@ class BlockServer:
             self.service = self._make_service(self.span)
             self._enter_stage(STARTING_STAGES[3])
             self._set_rates(self.span)
-            self.node.set_handler(RPC, self._handle_rpc)
-            self.node.set_handler(INFERENCE, self._handle_inference)
-            self.node.set_handler(PUSH, self._handle_push)
+            self.node.set_handler(RPC, self._handle_rpc, RPC_STREAMS)
+            self.node.set_handler(INFERENCE, self._handle_inference, INFERENCE_STREAMS)
+            self.node.set_handler(PUSH, self._handle_push, PUSH_STREAMS)
             self.state = ServerState.ONLINE
             self.stage = SERVING
             self.node.call(self._announce_once)
@@ -375,7 +381,7 @@ class BlockServer:
             self.adapters = ServedAdapters.load(cfg.adapters, span.family, self.num_blocks, dtype=span.dtype,
                                                 device=span.device)
         service = SpanService(span, cache_bytes=cfg.cache_bytes, max_session_length=cfg.max_session_length,
-                              session_timeout=cfg.session_timeout, adapters=self.adapters)
+                              session_timeout=cfg.session_timeout, adapters=self.adapters, limits=cfg.limits)
         service.open_push_stream = self._open_push_stream
         return service
 

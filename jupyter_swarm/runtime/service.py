@@ -21,9 +21,11 @@ from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError
 from jupyter_swarm.models import BlockSpan
 from jupyter_swarm.p2p.framing import FrameTooLargeError, FramedStream
 from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
-from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, CacheReservation
+from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
+from jupyter_swarm.runtime.sessions import OpenSession, SessionTable
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
-from jupyter_swarm.wire.messages import decode, decode_any, error_message, unpack
+from jupyter_swarm.wire.messages import ErrorReply, decode, decode_any, error_message, unpack
 from jupyter_swarm.wire.rpc import Backward, BackwardResult, Forward, ForwardResult, Info, InfoResult
 from jupyter_swarm.wire.tensor_fields import SpanLimits, WireTensor
 
@@ -60,11 +62,14 @@ class SpanService:
 
     def __init__(self, span: BlockSpan, *, cache_bytes: int, max_session_length: int = 8192,
                  session_timeout: float = 30 * 60, step_timeout: float = 5 * 60,
-                 adapters: ServedAdapters | None = None):
+                 adapters: ServedAdapters | None = None, limits: ServerLimits | None = None):
         self.span = span
         self.adapters = adapters or ServedAdapters()
         self.adapters.attach(span)
-        self.budget = CacheBudget(cache_bytes)
+        self.peer_limits = limits = limits or ServerLimits()
+        self.budget = CacheBudget(cache_bytes, limits.cache_share_per_peer)
+        self.sessions = SessionTable(limits.sessions_per_peer, limits.evict_idle_after)
+        self.in_flight = InFlight(limits.requests_in_flight_per_peer)
         self.max_session_length = max_session_length
         self.session_timeout = session_timeout
         self.step_timeout = step_timeout
@@ -142,7 +147,8 @@ class SpanService:
                 except SwarmError as e:
                     reply = self._refusal(e)
                 else:
-                    reply = await self._answer("forward/backward", self._rpc, request)
+                    async with self.in_flight.hold(stream.remote_peer):  # a peer's requests past its limit wait
+                        reply = await self._answer("forward/backward", self._rpc, request)
                 await stream.send(reply)
         except FrameTooLargeError as e:
             await stream.send(self._refusal(e))
@@ -211,26 +217,41 @@ class SpanService:
                     f"max_length must be in 1..{self.max_session_length} on this server, got {opening.max_length}")
             span = self.view(opening.start, opening.end, opening.active_adapter)
             link = _relay_link(opening)
-            reservation = self.budget.reserve(span.cache_bytes(opening.batch_size, opening.max_length))
+            self.sessions.check_room(stream.remote_peer)
+            reservation = self._reserve(span.cache_bytes(opening.batch_size, opening.max_length), stream.remote_peer)
         except trio.TooSlowError:
             return
-        except (ProtocolError, RemoteError, CacheFullError) as e:
+        except (ProtocolError, RemoteError, CacheFullError, PeerLimitError) as e:
             self.stats.errors += 1
-            await stream.send(error_message(str(e), invalid_request=not isinstance(e, CacheFullError) and _is_invalid(e)))
+            await stream.send(error_message(str(e), invalid_request=_is_invalid(e)))
             return
+        entry = self.sessions.add(stream.remote_peer, reservation)
         self.stats.sessions_opened += 1
         self.stats.open_sessions += 1
         try:
             cache = span.new_cache(opening.batch_size, opening.max_length)
             await stream.send(Opened(opening.max_length).encode())
-            session = _Session(span, self.limits_of(span), cache, opening.batch_size)
+            session = _Session(span, self.limits_of(span), cache, opening.batch_size, entry)
             if link is None:
                 await self._serve_session(stream, session)
             else:
                 await self._serve_relay_session(stream, session, link)
         finally:
             self.stats.open_sessions -= 1
+            self.sessions.remove(entry)
             reservation.release()
+
+    def _reserve(self, size: int, peer: str) -> CacheReservation:
+        """Reserve a new session's cache, evicting idle sessions (longest idle first) when the budget is full."""
+        try:
+            return self.budget.reserve(size, peer)
+        except CachePeerShareError:
+            raise
+        except CacheFullError:
+            if not self.sessions.evict_for(size, self.budget.free_bytes):
+                raise
+            logger.info("evicted idle sessions to make room for a session of %.1f MiB", size / 2**20)
+            return self.budget.reserve(size, peer)
 
     async def _serve_session(self, stream: FramedStream, session: _Session, receive: Any = None,
                              push_to: PushTarget | None = None) -> None:
@@ -238,6 +259,7 @@ class SpanService:
         pusher = _Pusher(self, push_to) if push_to is not None else None
         while True:
             with trio.move_on_after(self.session_timeout) as idle:
+                session.entry.waiting(idle)  # from now on it may be evicted (which cancels this wait)
                 try:
                     item = await (stream.recv() if receive is None else receive())
                 except FrameTooLargeError as e:
@@ -247,6 +269,12 @@ class SpanService:
                     item = None
                 if item is None:
                     return  # client closed the session (or died): free the cache
+            session.entry.working()
+            if session.entry.evicted:
+                await stream.send(ErrorReply(
+                    "this server evicted your idle inference session to make room for another one (its cache budget "
+                    "is full); replay the session's inputs to continue", reason=ErrorReply.EVICTED).encode())
+                return
             if idle.cancelled_caught:
                 await stream.send(error_message(f"session closed after {self.session_timeout:g} s idle"))
                 return
@@ -360,6 +388,7 @@ class _Session:
     limits: SpanLimits
     cache: Any
     batch_size: int
+    entry: OpenSession  # in the server's session table
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Per-peer and per-protocol limits: stream quotas, byte rates, sessions, requests in flight, cache shares,
+and which idle sessions go first when the cache budget is full."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError
+from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
+from jupyter_swarm.runtime.sessions import SessionTable
+
+
+def test_stream_quotas_count_per_peer_and_per_protocol():
+    streams = StreamCounter()
+    quota = StreamQuota(per_peer=2, total=3)
+    assert streams.try_open("/rpc", "a", quota) and streams.try_open("/rpc", "a", quota)
+    assert not streams.try_open("/rpc", "a", quota)  # a's third
+    assert streams.try_open("/rpc", "b", quota)
+    assert not streams.try_open("/rpc", "c", quota)  # the protocol's total
+    assert streams.try_open("/push", "c", quota)  # another protocol has its own count
+    streams.closed("/rpc", "a")
+    assert streams.open_streams("/rpc", "a") == 1 and streams.try_open("/rpc", "c", quota)
+
+
+def test_a_peer_over_its_byte_rate_waits_and_other_peers_do_not():
+    rate = PeerByteRate(bytes_per_second=1000, burst_bytes=2000)
+    now = time.time()
+    assert rate.delay("a", 1500, now) == 0 and rate.delay("a", 500, now) == 0  # the burst
+    assert rate.delay("a", 1000, now) == pytest.approx(1.0)  # then 1000 bytes take a second
+    assert rate.delay("b", 2000, now) == 0  # b has its own allowance
+    assert rate.delay("a", 1000, now + 1.01) == 0  # refilled
+    assert rate.delay("c", 10**9, now) == 0 and rate.delay("c", 10**9, now) > 0  # a huge frame costs one burst
+
+
+def test_cache_shares_per_peer():
+    budget = CacheBudget(1000, peer_share=0.5)
+    first = budget.reserve(400, "a")
+    with pytest.raises(CachePeerShareError, match="your sessions on this server already hold"):
+        budget.reserve(200, "a")
+    budget.reserve(500, "b")
+    with pytest.raises(CacheFullError, match="server cache is full"):
+        budget.reserve(200, "c")
+    first.release()
+    first.release()  # exactly once
+    assert budget.used_by("a") == 0 and budget.free_bytes == 500
+
+
+def test_sessions_per_peer_and_eviction_of_the_longest_idle_first(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    budget = CacheBudget(1000)
+    table = SessionTable(per_peer=2, evict_idle_after=1.0)
+    a1 = table.add("a", budget.reserve(300, "a"))
+    a2 = table.add("a", budget.reserve(300, "a"))
+    with pytest.raises(PeerLimitError, match="2 inference sessions"):
+        table.check_room("a")
+    b = table.add("b", budget.reserve(300, "b"))
+    scopes = {s: trio.CancelScope() for s in (a1, a2, b)}
+    b.waiting(scopes[b])
+    clock[0] += 5
+    a1.waiting(scopes[a1])
+    clock[0] += 1
+    a2.waiting(scopes[a2])
+    a2.working()  # a2 computes a step now: never evicted
+    assert table.evict_for(800, budget.free_bytes) == 0  # all idle ones would not make room: nobody is touched
+    assert not any(s.evicted for s in (a1, a2, b))
+    assert table.evict_for(350, budget.free_bytes) == 1  # b has been idle longest
+    assert b.evicted and scopes[b].cancel_called and not a1.evicted and budget.free_bytes == 400
+    assert table.evict_for(700, budget.free_bytes) == 1 and a1.evicted and len(table) == 1
+
+
+def test_a_session_idle_for_less_than_the_threshold_is_not_evicted(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    budget = CacheBudget(100)
+    table = SessionTable(per_peer=4, evict_idle_after=1.0)
+    session = table.add("a", budget.reserve(100, "a"))
+    session.waiting(trio.CancelScope())
+    clock[0] += 0.5
+    assert table.evict_for(10, budget.free_bytes) == 0
+    clock[0] += 0.6
+    assert table.evict_for(10, budget.free_bytes) == 1
+
+
+def test_requests_in_flight_past_a_peers_limit_wait_for_their_turn():
+    in_flight = InFlight(per_peer=2)
+    peak = {"a": 0, "b": 0}
+
+    async def request(peer: str) -> None:
+        async with in_flight.hold(peer):
+            peak[peer] = max(peak[peer], in_flight.serving(peer))
+            await trio.sleep(0.01)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(request, "a")
+            nursery.start_soon(request, "b")
+
+    trio.run(main)
+    assert peak == {"a": 2, "b": 1} and in_flight.serving("a") == 0
+
+
+def test_limits_from_the_command_line():
+    limits = ServerLimits().with_options(["sessions_per_peer=3", "evict-idle-after=0.5"])
+    assert limits.sessions_per_peer == 3 and limits.evict_idle_after == 0.5
+    with pytest.raises(ConfigurationError, match="expected NAME=VALUE"):
+        ServerLimits().with_options(["sessions=3"])
+    with pytest.raises(ConfigurationError, match="not a number"):
+        ServerLimits().with_options(["sessions_per_peer=many"])
+    with pytest.raises(ConfigurationError, match="cache_share_per_peer"):
+        ServerLimits().with_options(["cache_share_per_peer=2"])
