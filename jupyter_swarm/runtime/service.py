@@ -21,7 +21,7 @@ from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError
 from jupyter_swarm.models import BlockSpan
 from jupyter_swarm.p2p.framing import FrameTooLargeError, FramedStream
 from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
-from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, CacheReservation
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import OpenSession, SessionTable
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
@@ -37,6 +37,7 @@ class BlocksNotServedError(InvalidRequestError):
 
 
 INLINE_STEP_SECONDS = 0.02
+HOLD_AHEAD_TOKENS = 32  # a session's cache grows in the budget a little ahead of its tokens (fewer, larger grows)
 
 
 def _is_invalid(error: Exception) -> bool:
@@ -218,7 +219,8 @@ class SpanService:
             span = self.view(opening.start, opening.end, opening.active_adapter)
             link = _relay_link(opening)
             self.sessions.check_room(stream.remote_peer)
-            reservation = self._reserve(span.cache_bytes(opening.batch_size, opening.max_length), stream.remote_peer)
+            reservation = self.budget.open(span.cache_bytes(opening.batch_size, opening.max_length),
+                                           stream.remote_peer)
         except trio.TooSlowError:
             return
         except (ProtocolError, RemoteError, CacheFullError, PeerLimitError) as e:
@@ -231,7 +233,8 @@ class SpanService:
         try:
             cache = span.new_cache(opening.batch_size, opening.max_length)
             await stream.send(Opened(opening.max_length).encode())
-            session = _Session(span, self.limits_of(span), cache, opening.batch_size, entry)
+            session = _Session(span, self.limits_of(span), cache, opening.batch_size, entry,
+                               span.cache_bytes(opening.batch_size, 1))
             if link is None:
                 await self._serve_session(stream, session)
             else:
@@ -241,17 +244,27 @@ class SpanService:
             self.sessions.remove(entry)
             reservation.release()
 
-    def _reserve(self, size: int, peer: str) -> CacheReservation:
-        """Reserve a new session's cache, evicting idle sessions (longest idle first) when the budget is full."""
-        try:
-            return self.budget.reserve(size, peer)
-        except CachePeerShareError:
-            raise
-        except CacheFullError:
-            if not self.sessions.evict_for(size, self.budget.free_bytes):
-                raise
-            logger.info("evicted idle sessions to make room for a session of %.1f MiB", size / 2**20)
-            return self.budget.reserve(size, peer)
+    async def _hold(self, session: _Session, tokens: int) -> None:
+        """Grow the session's part of the cache budget to ``tokens`` tokens (and a few ahead). When the budget is
+        full, idle sessions are evicted, longest idle first; when none has been idle long enough, the step waits up
+        to ``evict_idle_after`` seconds for one before it fails with CacheFullError."""
+        reservation = session.entry.reservation
+        size = session.bytes_per_token * (tokens + HOLD_AHEAD_TOKENS)
+        if size <= reservation.size:
+            return
+        deadline = trio.current_time() + self.peer_limits.evict_idle_after
+        while True:
+            try:
+                reservation.grow_to(size)
+                return
+            except CacheFullError:
+                needed = min(size, reservation.declared) - reservation.size
+                if self.sessions.evict_for(needed, self.budget.free_bytes):
+                    logger.info("evicted idle sessions to make room for %.1f MiB of cache", needed / 2**20)
+                    continue
+                if trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(0.05)
 
     async def _serve_session(self, stream: FramedStream, session: _Session, receive: Any = None,
                              push_to: PushTarget | None = None) -> None:
@@ -358,6 +371,7 @@ class SpanService:
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
         prompts = _decoded(step.prompts, "prompts")
         hidden = step.hidden.decode("hidden states", finite=True)
+        await self._hold(session, cache.length + new_tokens)
         # what a relayed step carries on: the inputs it arrived with plus its own, when it arrived from a server;
         # a step straight from the client carries nothing (the client has its input)
         carry = [] if step.carry is None else [*step.carry, step.hidden]
@@ -389,6 +403,7 @@ class _Session:
     cache: Any
     batch_size: int
     entry: OpenSession  # in the server's session table
+    bytes_per_token: int  # of its cache (for its batch)
 
 
 @dataclass

@@ -18,11 +18,14 @@ from jupyter_swarm.local_swarm import LocalSwarm
 from tests.integration.conftest import SERVER_ARGS
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7]])
-# 1 MiB of cache per server is 2048 tokens of a 2-block span of the test model (512 bytes per token), so one session
-# of max_length 1200 (600 KiB) fits, and a second one only if the first is evicted
+# 1 MiB of cache per server holds 2048 tokens of a 2-block span of the test model (512 bytes per token): one long
+# prompt's session fits, a second one only once the first is evicted
 LIMITS = ["--cache-mib", "1", "--limit", "cache_share_per_peer=0.75", "--limit", "evict_idle_after=0.5",
           "--limit", "sessions_per_peer=3"]
-BIG_SESSION = 1200
+
+
+def _long_prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(4, 500, (1, length), generator=torch.Generator().manual_seed(seed))  # no special tokens
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +39,16 @@ def test_an_idle_session_evicted_for_another_replays_and_keeps_the_local_tokens(
     path, local_swarm = swarm
     model, other = connect(path, local_swarm), connect(path, local_swarm)
     local = local_model(path)
-    with model.inference_session(max_length=BIG_SESSION) as session:
-        first = model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    with model.inference_session(max_length=1100) as session:
+        first = model.generate(_long_prompt(1000, 0), max_new_tokens=4, do_sample=False)  # ~half of each cache
         assert session._push_ready  # relayed from server to server
         time.sleep(1.0)  # idle for longer than evict_idle_after
-        with other.inference_session(max_length=BIG_SESSION):  # no room on either server without evicting
-            other_tokens = other.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        with other.inference_session(max_length=1300):  # its 1200 tokens fit only if the idle session goes
+            other_tokens = other.generate(_long_prompt(1200, 1), max_new_tokens=4, do_sample=False)
         second = model.generate(torch.tensor([[21, 22]]), max_new_tokens=4, do_sample=False)
         assert session.failovers >= 1  # the eviction was noticed and the session replayed ...
         assert not model.swarm.bans.banned()  # ... without banning the servers, which are fine
-    assert other_tokens.tolist() == local.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4,
-                                                   do_sample=False).tolist()
+    assert other_tokens.tolist() == local.generate(_long_prompt(1200, 1), max_new_tokens=4, do_sample=False).tolist()
     expected = local.generate(torch.cat([first, torch.tensor([[21, 22]])], 1), max_new_tokens=4, do_sample=False)
     assert torch.cat([first, second], 1).tolist() == expected.tolist()
 
@@ -69,7 +71,7 @@ def test_one_peer_gets_clear_refusals_past_its_limits_and_others_are_served(swar
             decode(refused, Opened)
         for stream, _ in sessions:
             await stream.close()
-        _, too_big = await open_session(2000)  # 1000 KiB: over the 768 KiB one peer may hold
+        _, too_big = await open_session(2000)  # declares 1000 KiB: over the 768 KiB one peer's sessions may
         with pytest.raises(RemoteError, match="one peer may use"):
             decode(too_big, Opened)
         # streams past the RPC quota are reset before the server reads them; the ones within it are served

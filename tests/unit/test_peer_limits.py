@@ -37,17 +37,30 @@ def test_a_peer_over_its_byte_rate_waits_and_other_peers_do_not():
     assert rate.delay("c", 10**9, now) == 0 and rate.delay("c", 10**9, now) > 0  # a huge frame costs one burst
 
 
-def test_cache_shares_per_peer():
+def test_sessions_declare_their_worst_case_per_peer_and_hold_only_what_they_use():
     budget = CacheBudget(1000, peer_share=0.5)
-    first = budget.reserve(400, "a")
-    with pytest.raises(CachePeerShareError, match="your sessions on this server already hold"):
-        budget.reserve(200, "a")
-    budget.reserve(500, "b")
+    first = budget.open(400, "a")
+    assert budget.used_bytes == 0  # an idle session holds nothing
+    with pytest.raises(CachePeerShareError, match="already declare"):
+        budget.open(200, "a")  # a's sessions may declare at most 500
+    with pytest.raises(CacheFullError, match="whole budget"):
+        budget.open(2000, "b")
+    second, third = budget.open(500, "b"), budget.open(500, "c")
+    first.grow_to(300)
+    second.grow_to(10**6)  # never more than it declared
+    assert budget.used_bytes == 800 and second.size == 500
     with pytest.raises(CacheFullError, match="server cache is full"):
-        budget.reserve(200, "c")
+        third.grow_to(300)
     first.release()
     first.release()  # exactly once
-    assert budget.used_by("a") == 0 and budget.free_bytes == 500
+    third.grow_to(300)
+    assert budget.declared_by("a") == 0 and budget.free_bytes == 200
+
+
+def _held(budget: CacheBudget, peer: str, size: int):
+    reservation = budget.open(size, peer)
+    reservation.grow_to(size)
+    return reservation
 
 
 def test_sessions_per_peer_and_eviction_of_the_longest_idle_first(monkeypatch):
@@ -55,11 +68,11 @@ def test_sessions_per_peer_and_eviction_of_the_longest_idle_first(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     budget = CacheBudget(1000)
     table = SessionTable(per_peer=2, evict_idle_after=1.0)
-    a1 = table.add("a", budget.reserve(300, "a"))
-    a2 = table.add("a", budget.reserve(300, "a"))
+    a1 = table.add("a", _held(budget, "a", 300))
+    a2 = table.add("a", _held(budget, "a", 300))
     with pytest.raises(PeerLimitError, match="2 inference sessions"):
         table.check_room("a")
-    b = table.add("b", budget.reserve(300, "b"))
+    b = table.add("b", _held(budget, "b", 300))
     scopes = {s: trio.CancelScope() for s in (a1, a2, b)}
     b.waiting(scopes[b])
     clock[0] += 5
@@ -79,7 +92,7 @@ def test_a_session_idle_for_less_than_the_threshold_is_not_evicted(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     budget = CacheBudget(100)
     table = SessionTable(per_peer=4, evict_idle_after=1.0)
-    session = table.add("a", budget.reserve(100, "a"))
+    session = table.add("a", _held(budget, "a", 100))
     session.waiting(trio.CancelScope())
     clock[0] += 0.5
     assert table.evict_for(10, budget.free_bytes) == 0
