@@ -49,6 +49,11 @@ class SessionEvictedError(RemoteError):
     session's inputs, to that server or another, and carries on."""
 
 
+class ServerBusyError(RemoteError):
+    """The server's cache has no room for the session's next tokens right now; the client retries shortly (replaying
+    the session, to that server or another) without holding it against the server."""
+
+
 class PeerUnavailableError(SwarmError, ConnectionError):
     """A peer could not be reached, or its connection closed mid-request."""
 

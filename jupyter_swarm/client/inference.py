@@ -23,7 +23,7 @@ import trio
 from jupyter_swarm.client.routing import SpanRoute
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.errors import (ConfigurationError, PeerUnavailableError, ProtocolError, RemoteError,
-                                  SessionEvictedError, SwarmError)
+                                  ServerBusyError, SessionEvictedError, SwarmError)
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
 from jupyter_swarm.wire.messages import decode
@@ -34,6 +34,7 @@ from jupyter_swarm.wire.tensors import Compression
 logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8
+BUSY_BACKOFF = 0.25  # seconds before replaying a session to a server whose cache was full
 
 
 class SessionLengthError(ConfigurationError):
@@ -256,7 +257,7 @@ class InferenceSession:
         old, self._spans = self._spans, []
         for span in old:
             await span.stream.reset()
-        self._note_failure(peer_id, error)
+        await self._note_failure(peer_id, error)
         await self._open_chain(0, self.swarm.num_blocks, insert_at=0, replay=old[0].inputs() if old else None)
 
     async def _open_span(self, route: SpanRoute, link: dict[str, Any] | None = None) -> _SpanSession:
@@ -303,7 +304,7 @@ class InferenceSession:
                     raise
                 for span in opened:
                     await span.stream.close()
-                self._note_failure(current.peer_id, e)
+                await self._note_failure(current.peer_id, e)
                 continue
             self._spans[insert_at:insert_at] = opened
             self._push_ready = relay
@@ -323,13 +324,15 @@ class InferenceSession:
         """Route around the failed span at ``index``: ban its server, open a replacement chain, replay."""
         failed = self._spans.pop(index)
         await failed.stream.reset()
-        self._note_failure(failed.route.peer_id, error)
+        await self._note_failure(failed.route.peer_id, error)
         await self._open_chain(failed.route.start, failed.route.end, insert_at=index, replay=failed.inputs())
 
-    def _note_failure(self, peer_id: str, error: Exception) -> None:
+    async def _note_failure(self, peer_id: str, error: Exception) -> None:
         self.failovers += 1
-        if isinstance(error, SessionEvictedError):  # the server is fine, only short of memory: no ban
-            logger.info("server %s evicted this idle session (%s); replaying it", peer_id, error)
+        if isinstance(error, (SessionEvictedError, ServerBusyError)):  # the server is fine, only short of memory
+            logger.info("server %s is short of cache memory (%s); replaying this session", peer_id, error)
+            if isinstance(error, ServerBusyError):
+                await trio.sleep(BUSY_BACKOFF * min(self.failovers, 8))
         else:
             logger.warning("server %s failed (%s); routing around it", peer_id, error)
             self.swarm.bans.ban(peer_id)

@@ -14,12 +14,20 @@ import threading
 from jupyter_swarm.errors import SwarmError
 
 
-class CacheFullError(SwarmError):
-    """The server has no room left in its cache budget for this session's tokens."""
+class CacheBudgetError(SwarmError):
+    """A session does not fit the server's cache budget."""
 
 
-class CachePeerShareError(CacheFullError):
+class CacheFullError(CacheBudgetError):
+    """The budget has no room left for a session's next tokens right now (it may have later)."""
+
+
+class CachePeerShareError(CacheBudgetError):
     """One peer's sessions would declare more of the cache budget than its share."""
+
+
+class SessionTooLargeError(CacheBudgetError):
+    """The session could need more cache than this server's whole budget."""
 
 
 def _mib(size: int) -> str:
@@ -49,10 +57,10 @@ class CacheBudget:
         return self._declared_by.get(peer, 0)
 
     def open(self, declared: int, peer: str = "") -> "CacheReservation":
-        """A new session of at most ``declared`` bytes for ``peer`` (holding nothing yet), or CacheFullError."""
+        """A new session of at most ``declared`` bytes for ``peer`` (holding nothing yet), or CacheBudgetError."""
         with self._lock:
             if declared > self.total_bytes:
-                raise CacheFullError(f"the session could need {_mib(declared)} of cache, more than this server's "
+                raise SessionTooLargeError(f"the session could need {_mib(declared)} of cache, more than this server's "
                                      f"whole budget of {_mib(self.total_bytes)}; use a shorter max_length")
             held = self._declared_by.get(peer, 0)
             if held + declared > self.peer_bytes:

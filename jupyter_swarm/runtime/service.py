@@ -21,7 +21,7 @@ from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError
 from jupyter_swarm.models import BlockSpan
 from jupyter_swarm.p2p.framing import FrameTooLargeError, FramedStream
 from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
-from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheBudgetError, CacheFullError
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import OpenSession, SessionTable
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
@@ -157,7 +157,8 @@ class SpanService:
     def _refusal(self, error: SwarmError) -> bytes:
         """The error reply to a request the server refused or could not serve."""
         self.stats.errors += 1
-        return error_message(str(error), invalid_request=_is_invalid(error))
+        busy = isinstance(error, CacheFullError)  # memory is short right now; the client retries (without a ban)
+        return error_message(str(error), invalid_request=_is_invalid(error), reason=ErrorReply.BUSY if busy else None)
 
     async def _answer(self, what: str, handle: Callable[..., Awaitable[bytes | None]], *args: Any) -> bytes | None:
         """``await handle(*args)``; a refusal or a bug becomes an error reply, never a dead server."""
@@ -223,7 +224,7 @@ class SpanService:
                                            stream.remote_peer)
         except trio.TooSlowError:
             return
-        except (ProtocolError, RemoteError, CacheFullError, PeerLimitError) as e:
+        except (ProtocolError, RemoteError, CacheBudgetError, PeerLimitError) as e:
             self.stats.errors += 1
             await stream.send(error_message(str(e), invalid_request=_is_invalid(e)))
             return

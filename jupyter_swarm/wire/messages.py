@@ -13,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from jupyter_swarm.errors import ProtocolError, RemoteError, SessionEvictedError
+from jupyter_swarm.errors import ProtocolError, RemoteError, ServerBusyError, SessionEvictedError
 
 M = TypeVar("M", bound="Message")
 
@@ -74,10 +74,11 @@ def decode_any(payload: bytes, kinds: tuple[type[Message], ...], **context: Any)
 class ErrorReply(Message):
     """A refusal or failure. ``invalid_request``: every server would refuse it (do not retry elsewhere);
     ``reason``: a machine-readable cause the client acts on (``"evicted"``: the server freed the session's cache
-    under memory pressure; replay to continue)."""
+    under memory pressure, replay to continue; ``"busy"``: its cache has no room right now, try again shortly)."""
 
     TYPE = "error"
     EVICTED = "evicted"
+    BUSY = "busy"
 
     def __init__(self, text: str, *, invalid_request: bool = False, reason: str | None = None):
         self.text, self.invalid_request, self.reason = text, invalid_request, reason
@@ -99,6 +100,8 @@ class ErrorReply(Message):
     def as_exception(self) -> RemoteError:
         if self.reason == self.EVICTED:
             return SessionEvictedError(self.text)
+        if self.reason == self.BUSY:
+            return ServerBusyError(self.text)
         return RemoteError(self.text, invalid_request=self.invalid_request)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -54,5 +54,5 @@ def connect() -> Iterator[Callable[..., DistributedModelForCausalLM]]:
         model.close()
 
 
-def start_swarm(path: str, spans: list[tuple[int, int]], **kwargs: object) -> LocalSwarm:
-    return LocalSwarm(path, spans, extra_args=SERVER_ARGS, **kwargs)  # type: ignore[arg-type]
+def start_swarm(path: str, spans: list[tuple[int, int]], extra_args: Sequence[str] = (), **kwargs: object) -> LocalSwarm:
+    return LocalSwarm(path, spans, extra_args=[*SERVER_ARGS, *extra_args], **kwargs)  # type: ignore[arg-type]

@@ -4,8 +4,9 @@ client's interpreter):
     python -m tests.integration.flood SERVER_ADDR --clients 50
 
 Each client is a separate libp2p peer (its own key) that, until SIGTERM or SIGINT, does all of:
-  - sessions at maximum length: opens inference sessions of ``--max-length`` tokens (the server's longest) and
-    holds them idle, opening again whenever one is refused or evicted;
+  - sessions at maximum length: opens inference sessions of ``--max-length`` tokens (halved until they fit), has
+    each compute ``--fill`` tokens (so it holds that much cache) and holds it idle, opening again whenever one is
+    refused or evicted;
   - many streams: holds open more RPC and inference streams than the server takes from one peer;
   - oversized frames: announces frames over every protocol's limit (and 4 GiB ones);
   - record spam: stores of the most keys a request may hold, with values no one signed, and gets of many keys.
@@ -19,18 +20,21 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import threading
 from collections import Counter
 
+import torch
 import trio
 
 from jupyter_swarm.errors import SwarmError
 from jupyter_swarm.p2p.host import P2PNode
-from jupyter_swarm.wire.inference import Open
+from jupyter_swarm.wire.inference import Open, Step
 from jupyter_swarm.wire.messages import unpack
 from jupyter_swarm.wire.protocols import INFERENCE, RECORDS, RPC
 from jupyter_swarm.wire.records import MAX_KEYS_PER_GET, MAX_KEYS_PER_STORE, Get, Store
+from jupyter_swarm.wire.tensor_fields import WireTensor
 
 HELD_STREAMS = 24  # per protocol and client: more than a server takes from one peer
 
@@ -39,22 +43,37 @@ def _answer_kind(payload: bytes) -> str:
     try:
         return f"ok:{unpack(payload)['type']}"
     except SwarmError as e:
-        return "refused:" + str(e)[:40]
+        return "refused: " + re.sub(r"12D3KooW\w+", "<peer>", re.sub(r"[\d.]+", "N", str(e)))[:60]
 
 
 async def attack(node: P2PNode, server: str, args: argparse.Namespace, stats: Counter) -> None:
     rng = random.Random(node.peer_id)
 
+    fill = Step(WireTensor.encode(torch.randn(1, args.fill, args.hidden_size)), 0).encode() if args.fill else None
+
+    max_length = [args.max_length]  # halved while the server says sessions this long cannot fit
+
     async def hold_sessions() -> None:
         while True:
+            stream = None
             try:
                 stream = await node.open_stream(server, INFERENCE)
-                await stream.send(Open(args.max_length, 1).encode())
+                await stream.send(Open(max_length[0], 1).encode())
                 stats["session opens"] += 1
-                stats[_answer_kind(await stream.recv())] += 1
-                stats[_answer_kind(await stream.recv())] += 1  # held idle until the server evicts or closes it
+                answer = _answer_kind(await stream.recv())
+                stats[answer] += 1
+                if answer.startswith("ok"):
+                    if fill is not None:  # make the session hold memory: a prompt's worth of cache
+                        await stream.send(fill)
+                        stats["session fills: " + _answer_kind(await stream.recv())] += 1
+                    stats["ended: " + _answer_kind(await stream.recv())] += 1  # held idle until evicted or closed
+                elif "could need" in answer and max_length[0] > 2 * args.fill:
+                    max_length[0] //= 2
             except SwarmError:
                 stats["session streams closed"] += 1
+            finally:
+                if stream is not None:
+                    await stream.close()
             await trio.sleep(args.pace)
 
     async def hold_streams(protocol: str) -> None:
@@ -112,6 +131,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--sessions", type=int, default=4, help="sessions each client keeps trying to hold")
     parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument("--fill", type=int, default=64, help="tokens each held session computes first (0: none)")
+    parser.add_argument("--hidden-size", type=int, default=64, help="the model's hidden size (for --fill)")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between one client's repeated attacks")
     args = parser.parse_args()
     stop = threading.Event()

@@ -14,8 +14,7 @@ from jupyter_swarm.wire.inference import Open, Opened
 from jupyter_swarm.wire.messages import decode
 from jupyter_swarm.wire.protocols import INFERENCE, RPC, RPC_STREAMS
 from jupyter_swarm.wire.rpc import Info, InfoResult
-from jupyter_swarm.local_swarm import LocalSwarm
-from tests.integration.conftest import SERVER_ARGS
+from tests.integration.conftest import start_swarm
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7]])
 # 1 MiB of cache per server holds 2048 tokens of a 2-block span of the test model (512 bytes per token): one long
@@ -31,7 +30,7 @@ def _long_prompt(length: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def swarm(model_path):
     path = model_path("llama")
-    with LocalSwarm(path, [(0, 2), (2, 4)], extra_args=[*SERVER_ARGS, *LIMITS]) as swarm:
+    with start_swarm(path, [(0, 2), (2, 4)], extra_args=LIMITS) as swarm:
         yield path, swarm
 
 

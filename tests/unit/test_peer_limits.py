@@ -10,7 +10,7 @@ import trio
 
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
-from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError
+from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, SessionTooLargeError
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import SessionTable
 
@@ -43,7 +43,7 @@ def test_sessions_declare_their_worst_case_per_peer_and_hold_only_what_they_use(
     assert budget.used_bytes == 0  # an idle session holds nothing
     with pytest.raises(CachePeerShareError, match="already declare"):
         budget.open(200, "a")  # a's sessions may declare at most 500
-    with pytest.raises(CacheFullError, match="whole budget"):
+    with pytest.raises(SessionTooLargeError, match="whole budget"):
         budget.open(2000, "b")
     second, third = budget.open(500, "b"), budget.open(500, "c")
     first.grow_to(300)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError, SessionEvictedError
+from jupyter_swarm.errors import InvalidRequestError, ProtocolError, RemoteError, ServerBusyError, SessionEvictedError
 from jupyter_swarm.wire import tensors
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
 from jupyter_swarm.wire.messages import ErrorReply, decode, decode_any, error_message, pack
@@ -67,6 +67,8 @@ def test_error_replies_raise_what_the_client_acts_on():
     assert info.value.invalid_request
     with pytest.raises(SessionEvictedError, match="freed"):
         decode(ErrorReply("freed", reason=ErrorReply.EVICTED).encode(), Output, shape=(1,))
+    with pytest.raises(ServerBusyError, match="full"):
+        decode(ErrorReply("full", reason=ErrorReply.BUSY).encode(), Output, shape=(1,))
 
 
 def _raw(kind: str, **fields) -> bytes:
