@@ -49,7 +49,8 @@ class BootstrapNode:
                             swarm_key=resolve_swarm_key(cfg.swarm_key), network=cfg.network).start()
         try:
             self.store = RecordStore(self.node, serve=True)
-            self.node.set_handler(SPEEDTEST, serve_speedtest, SPEEDTEST_STREAMS)  # servers joining through it measure their link
+            # servers joining through it measure their link
+            self.node.set_handler(SPEEDTEST, serve_speedtest, SPEEDTEST_STREAMS)
             if cfg.initial_peers:
                 self.node.call(self.node.join, cfg.initial_peers)
         except BaseException:
