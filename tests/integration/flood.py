@@ -43,7 +43,7 @@ def _answer_kind(payload: bytes) -> str:
     try:
         return f"ok:{unpack(payload)['type']}"
     except SwarmError as e:
-        return "refused: " + re.sub(r"12D3KooW\w+", "<peer>", re.sub(r"[\d.]+", "N", str(e)))[:60]
+        return "refused: " + re.sub(r"[\d.]+", "N", re.sub(r"12D3KooW\w+", "<peer>", str(e)))[:80]
 
 
 async def attack(node: P2PNode, server: str, args: argparse.Namespace, stats: Counter) -> None:
