@@ -4,11 +4,14 @@ and which idle sessions go first when the cache budget is full."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
-from jupyter_swarm.errors import ConfigurationError
+from jupyter_swarm.client.inference import BUSY_BACKOFF, InferenceSession
+from jupyter_swarm.errors import ConfigurationError, RemoteError, ServerBusyError, SessionEvictedError
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, SessionTooLargeError
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
@@ -128,3 +131,22 @@ def test_limits_from_the_command_line():
         ServerLimits().with_options(["sessions_per_peer=many"])
     with pytest.raises(ConfigurationError, match="cache_share_per_peer"):
         ServerLimits().with_options(["cache_share_per_peer=2"])
+
+
+def test_a_client_replays_after_an_eviction_or_a_busy_server_without_banning_it():
+    banned: list[str] = []
+    swarm = SimpleNamespace(bans=SimpleNamespace(ban=banned.append), num_blocks=2, active_adapter=None)
+    session = InferenceSession(swarm, max_length=8)  # type: ignore[arg-type]
+
+    async def fail_three_ways() -> float:
+        await session._note_failure("evicting", SessionEvictedError("evicted your idle inference session"))
+        began = trio.current_time()
+        await session._note_failure("busy", ServerBusyError("server cache is full"))
+        waited = trio.current_time() - began
+        await session._note_failure("broken", RemoteError("server error: boom"))
+        return waited
+
+    waited = trio.run(fail_three_ways, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert banned == ["broken"]  # only the server that failed; the others were short of memory
+    assert waited == pytest.approx(2 * BUSY_BACKOFF)  # backs off (more with each failover) before replaying
+    assert session.failovers == 3
