@@ -2,7 +2,7 @@
 """An honest client's time per token while 50 hostile clients flood the one server it uses, against the same
 client's time per token with no flood, measured in the same run (before and after the flood).
 
-    python bench/bench_flood.py                          # 50 hostile clients, 32 tokens x 5 reps per phase (~2 min)
+    python bench/bench_flood.py                          # 50 hostile clients, 32 tokens x 5 reps per phase, 2 floods (~4 min)
     python bench/bench_flood.py --clients 20 --fill 0    # fewer clients; their sessions hold no memory
 
 The server serves every block of the benchmark model of bench_inference.py (26.4M parameters) with a small cache
