@@ -61,6 +61,14 @@ class _SpanSession:
             self.history = [torch.cat(self.history, dim=1)]
         return self.history[0]
 
+    def truncate(self, length: int) -> None:
+        """Keep the inputs of the first ``length`` positions only (chunks past it go, the last one is cut)."""
+        kept = sum(chunk.shape[1] for chunk in self.history)
+        while self.history and kept - self.history[-1].shape[1] >= length:
+            kept -= self.history.pop().shape[1]
+        if kept > length:
+            self.history[-1] = self.history[-1][:, :length - kept]
+
 
 class InferenceSession:
     """A generation session over a chain of servers; steps feed new tokens' hidden states through it."""
@@ -100,6 +108,19 @@ class InferenceSession:
              prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Send the new tokens' hidden states [batch, n, hidden] through every block; returns the last block's output."""
         return self.swarm.node.call(self.astep, hidden, beam_idx, prompts)
+
+    def rollback(self, position: int) -> None:
+        """Forget the tokens from ``position`` on (e.g. speculative tokens the model rejected): the next step starts
+        there. Nothing is sent now; each server drops its cache beyond ``position`` when that step arrives, and the
+        inputs kept for replay are cut to match, so a replacement server rebuilds exactly the kept tokens."""
+        if self._closed:
+            raise SessionClosedError("this inference session is closed; open a new one with model.inference_session()")
+        if not 0 <= position <= self.position:
+            raise ConfigurationError(f"cannot roll this session back to position {position}: it holds "
+                                     f"{self.position} tokens (roll back to 0..{self.position})")
+        for span in self._spans:
+            span.truncate(position)
+        self.position = position
 
     def close(self) -> None:
         """Close the session on every server (frees their caches)."""

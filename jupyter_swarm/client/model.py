@@ -20,6 +20,8 @@ from transformers.utils import ModelOutput
 from jupyter_swarm.client.batching import remote_blocks_chunked
 from jupyter_swarm.client.inference import InferenceSession
 from jupyter_swarm.client.remote_blocks import RemoteBlocks
+from jupyter_swarm.client.session_cache import SessionCache
+from jupyter_swarm.client.speculation import SpeculationStats
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.client.tuning import PromptTuning, make_prompt_tuning
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
@@ -54,6 +56,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.max_chunk_tokens = MAX_BATCH_TOKENS  # larger batches go as concurrent chunks of rows (client/batching.py)
         self.active_session: InferenceSession | None = None
         self._pending_beam_idx: torch.Tensor | None = None
+        self.speculation: SpeculationStats | None = None  # of the last speculative generate() call
 
     @classmethod
     def from_pretrained(cls, model: str, *args: Any, initial_peers: Sequence[str] = (),
@@ -217,6 +220,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.shape[1] != inputs.shape[1]:  # a mask for the new tokens only
                 kwargs["attention_mask"] = torch.cat([torch.ones_like(previous), mask], dim=1)
+        self.speculation = None
         result = super().generate(inputs, *args, **kwargs)
         sequences = result.sequences if isinstance(result, ModelOutput) else result
         session.output_ids = sequences
@@ -240,6 +244,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if held:
                 next_sequence_length = input_ids.shape[1] - held
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any],
+                                      *args: Any, **kwargs: Any) -> None:
+        """generate()'s cache is the session's, on the servers: a :class:`SessionCache` that can step back, as
+        assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``) needs."""
+        session = self.active_session
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and session is not None:
+            offset = self.tuning.pre_seq_len if self.tuning is not None else 0
+            model_kwargs["cache"] = SessionCache(session, offset)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' candidate generator for assisted generation, counted in :attr:`speculation`."""
+        self.speculation = SpeculationStats()
+        return self.speculation.watch(super()._get_candidate_generator(*args, **kwargs))
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search reorders hypotheses: the servers reorder their caches at the next step."""

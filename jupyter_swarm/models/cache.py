@@ -54,6 +54,28 @@ class SpanCache:
             raise ConfigurationError(f"beam_idx values must lie in [0, {self.batch_size}), got {beam_idx.tolist()}")
         self.hf_cache.reorder_cache(beam_idx.long())
 
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (a session stepping back, e.g. after rejected speculative tokens).
+
+        Raises:
+            ConfigurationError: ``length`` is not in ``[0, self.length]``, or a sliding-window layer has already
+                dropped the tokens it would need (the cache is then unusable).
+        """
+        self._check_usable()
+        if not 0 <= length <= self._length:
+            raise ConfigurationError(f"cannot crop a cache of {self._length} tokens to {length}; "
+                                     f"the length must be in 0..{self._length}")
+        if length == self._length:
+            return
+        try:
+            self.hf_cache.crop(length - self._length)
+        except RuntimeError as e:  # a sliding-window layer that already forgot the tokens before its window
+            self._broken = True
+            raise ConfigurationError(
+                f"cannot step back to position {length}: this span's sliding-window layers keep only their window, "
+                f"and the session is past it; the cache is unusable now (start a new session)") from e
+        self._length = length
+
     def check_extend(self, batch_size: int, new_tokens: int) -> None:
         """Raise unless ``new_tokens`` more tokens for ``batch_size`` rows fit into this cache."""
         self._check_usable()

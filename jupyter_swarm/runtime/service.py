@@ -361,12 +361,13 @@ class SpanService:
         batch, new_tokens = step.hidden.shape[0], step.hidden.shape[1]
         if batch != batch_size:  # every size is checked on the headers, before anything is decoded
             raise InvalidRequestError(f"this session was opened for batch {batch_size}, got batch {batch}")
-        if step.position != cache.length:
+        if step.position > cache.length:
             raise InvalidRequestError(
-                f"step starts at position {step.position} but the session's cache holds {cache.length} tokens")
-        if cache.length + new_tokens > cache.max_length:
+                f"step starts at position {step.position} but the session's cache holds {cache.length} tokens; a step "
+                "starts where the cache ends, or before (to step back: the cache beyond it is dropped)")
+        if step.position + new_tokens > cache.max_length:
             raise InvalidRequestError(
-                f"session is full: {cache.length} + {new_tokens} tokens exceed its max_length {cache.max_length}")
+                f"session is full: {step.position} + {new_tokens} tokens exceed its max_length {cache.max_length}")
         beam = _decoded(step.beam_idx, "beam_idx")
         if beam is not None and (bool((beam < 0).any()) or bool((beam >= batch_size).any())):
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
@@ -376,8 +377,8 @@ class SpanService:
         # what a relayed step carries on: the inputs it arrived with plus its own, when it arrived from a server;
         # a step straight from the client carries nothing (the client has its input)
         carry = [] if step.carry is None else [*step.carry, step.hidden]
-        out = await self._run_step(batch * new_tokens, self._inference_step, session.span, hidden, cache, beam,
-                                   prompts)
+        out = await self._run_step(batch * new_tokens, self._inference_step, session.span, hidden, cache,
+                                   step.position, beam, prompts)
         self.stats.inference_steps += 1
         output = Output(WireTensor.encode(out, step.compression), cache.length)
         if step.push:
@@ -387,9 +388,11 @@ class SpanService:
         return output.encode()
 
     @staticmethod
-    def _inference_step(span: BlockSpan, hidden: torch.Tensor, cache: Any, beam: torch.Tensor | None,
+    def _inference_step(span: BlockSpan, hidden: torch.Tensor, cache: Any, position: int, beam: torch.Tensor | None,
                         prompts: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode():
+            if position < cache.length:  # the client stepped back (e.g. rejected speculative tokens)
+                cache.crop(position)
             if beam is not None:
                 cache.reorder(beam.to(span.device))
             return span(hidden.to(span.device), cache=cache, prompts=_to(prompts, span.device)).cpu()

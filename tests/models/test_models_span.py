@@ -191,3 +191,37 @@ def test_gradients_reach_prompts_and_flow_through_a_cache(tiny):
     (prefix.sum() + step.sum()).backward()
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0
     assert hidden.grad is not None and hidden.grad[:, 2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_a_cache_cropped_back_continues_as_if_the_dropped_tokens_never_came(name, tiny, reference):
+    """Speculative decoding steps back: 3 wrong tokens in, crop them, send the right ones."""
+    path = tiny(name)
+    model = reference(path)
+    ids, wrong = _ids(1, 7, seed=4), _ids(1, 3, seed=5)
+    spans = _spans(path, [0, 2, 4])
+    head = ClientHead.load(path)
+    caches = [span.new_cache(batch_size=1, max_length=8) for span in spans]
+    with torch.no_grad():
+        _chain(spans, head.embed(ids[:, :2]), caches)
+        _chain(spans, head.embed(wrong), caches)
+        for cache in caches:
+            cache.crop(2)
+        assert [cache.length for cache in caches] == [2, 2]
+        logits = head.logits(_chain(spans, head.embed(ids[:, 2:]), caches))  # 2 + 5 tokens: fits max_length 8
+        torch.testing.assert_close(logits, model(ids).logits[:, 2:], **CACHED)
+        for cache in caches:
+            with pytest.raises(ConfigurationError, match="must be in 0..7"):
+                cache.crop(8)
+
+
+def test_a_sliding_window_cache_cannot_step_back_past_its_window(tiny):
+    path = tiny("mistral")  # window of 4 tokens on every layer
+    span = BlockSpan.load(path, 0, 4)
+    cache = span.new_cache(batch_size=1, max_length=16)
+    with torch.no_grad():
+        span(ClientHead.load(path).embed(_ids(1, 9)), cache)
+        with pytest.raises(ConfigurationError, match="cannot step back to position 2"):
+            cache.crop(2)
+        with pytest.raises(ConfigurationError, match="unusable"):
+            span(ClientHead.load(path).embed(_ids(1, 1)), cache)
