@@ -56,6 +56,23 @@ def per_token(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list
     return statistics.median(gaps), out[0].tolist()
 
 
+def start_delayed_servers(path: str, cuts: list[int], delay: float, proxies: list[DelayProxy],
+                          servers: list[ServerProcess]) -> list[str]:
+    """One server per span ``cuts[k]:cuts[k + 1]``, each behind a proxy delaying ``delay`` s each way (appended to
+    ``proxies`` and ``servers`` as they start, for the caller to stop); returns the first server's addresses."""
+    peers: list[str] = []
+    for k in range(len(cuts) - 1):
+        listen, public = free_port(), free_port()
+        proxies.append(DelayProxy(public, listen, delay).start())
+        server = ServerProcess(path, cuts[k], cuts[k + 1], initial_peers=peers,
+                               extra_args=["--torch-threads", "1", "--update-period", "5", "--balance-period", "0",
+                                           "--listen", f"/ip4/127.0.0.1/tcp/{listen}",
+                                           "--announce", f"/ip4/127.0.0.1/tcp/{public}"])
+        servers.append(server.wait_ready(180))
+        peers = servers[0].addrs
+    return peers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", type=int, default=3)
@@ -73,16 +90,7 @@ def main() -> int:
     proxies, servers = [], []
     prompt = torch.tensor([[1, 17, 42, 99, 7, 230, 11]])
     try:
-        peers: list[str] = []
-        for k in range(args.servers):
-            listen, public = free_port(), free_port()
-            proxies.append(DelayProxy(public, listen, args.delay).start())
-            server = ServerProcess(path, cuts[k], cuts[k + 1], initial_peers=peers,
-                                   extra_args=["--torch-threads", "1", "--update-period", "5", "--balance-period", "0",
-                                               "--listen", f"/ip4/127.0.0.1/tcp/{listen}",
-                                               "--announce", f"/ip4/127.0.0.1/tcp/{public}"])
-            servers.append(server.wait_ready(180))
-            peers = servers[0].addrs
+        peers = start_delayed_servers(path, cuts, args.delay, proxies, servers)
         local = AutoModelForCausalLM.from_pretrained(path).eval()
         local_times, expected = [], None
         for _ in range(args.reps):

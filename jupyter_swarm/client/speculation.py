@@ -3,8 +3,8 @@
 transformers' assisted generation does the work (``assistant_model=`` or ``prompt_lookup_num_tokens=``): a cheap
 guesser proposes several tokens, one step through the swarm checks them all, and the session steps back past the
 first wrong one (:class:`jupyter_swarm.client.session_cache.SessionCache`). Each accepted guess saves a trip
-through the chain of servers. This module names the ways to guess (``off``, ``lookup``, ``draft:PATH``) and
-counts what was proposed and accepted.
+through the chain of servers. This module turns a way to guess (``off``, ``lookup[:K]``, ``draft:PATH``, parsed
+in :mod:`jupyter_swarm.options`) into generate() arguments, and counts what was proposed and accepted.
 """
 
 from __future__ import annotations
@@ -16,11 +16,7 @@ from typing import Any
 import torch
 
 from jupyter_swarm.errors import ConfigurationError
-
-DEFAULT_LOOKUP_TOKENS = 8  # candidates per step from prompt lookup
-SPECULATIVE_HELP = ("off (one token per trip through the servers), lookup[:K] (guess up to K tokens, default "
-                    f"{DEFAULT_LOOKUP_TOKENS}, by copying what followed the last words in the text so far: good when "
-                    "the answer quotes its input) or draft:PATH (a small local model with the same tokenizer guesses)")
+from jupyter_swarm.options import parse_speculative
 
 
 @dataclass
@@ -54,22 +50,6 @@ class SpeculationStats:
         generator.get_candidates = counted_get_candidates
         generator.update_candidate_strategy = counted_update
         return generator
-
-
-def parse_speculative(mode: str | None) -> tuple[str, int | str | None]:
-    """``off``, ``lookup``, ``lookup:K`` or ``draft:PATH`` -> (kind, K or PATH). Raises ConfigurationError."""
-    text = (mode or "off").strip()
-    kind, _, value = text.partition(":")
-    if kind == "off" and not value:
-        return "off", None
-    if kind == "lookup":
-        if not value:
-            return "lookup", DEFAULT_LOOKUP_TOKENS
-        if value.isdigit() and 1 <= int(value) <= 63:
-            return "lookup", int(value)
-    if kind == "draft" and value:
-        return "draft", value
-    raise ConfigurationError(f"unknown speculative mode {text!r}; use {SPECULATIVE_HELP}")
 
 
 _drafts: dict[str, torch.nn.Module] = {}

@@ -11,7 +11,8 @@ INCOMPLETE = "\ufffd"  # what a tokenizer decodes half of a multi-byte character
 
 
 class TextPieceStreamer(BaseStreamer):
-    """A ``generate(streamer=...)`` streamer that calls ``on_text(piece)`` once per generated token.
+    """A ``generate(streamer=...)`` streamer that calls ``on_text(piece)`` once per generated token (or group of
+    tokens accepted together, see ``tokens_in_piece``).
 
     ``piece`` is the text that token completes. Tokens are decoded together with the tokens before them on the
     same line and only the new part is emitted, so a character whose bytes span several tokens (accents in some
@@ -30,6 +31,9 @@ class TextPieceStreamer(BaseStreamer):
         self._skip_next = skip_prompt  # generate() first hands over the prompt
         self._line_ids: list[int] = []
         self._emitted = 0  # characters of the current line's text already handed out
+        # tokens the piece being handed out completes: more than one when generate() accepts several at once
+        # (speculative decoding)
+        self.tokens_in_piece = 0
 
     def put(self, value: Any) -> None:
         """Take the next token (or, first, the prompt) from ``generate``."""
@@ -38,6 +42,7 @@ class TextPieceStreamer(BaseStreamer):
         if self._skip_next:
             self._skip_next = False
             return
+        self.tokens_in_piece = value.numel()
         self._line_ids.extend(value.reshape(-1).tolist())
         text = self.tokenizer.decode(self._line_ids, skip_special_tokens=self.skip_special_tokens)
         if text.endswith(INCOMPLETE):  # part of a character: wait for the token that completes it

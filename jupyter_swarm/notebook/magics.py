@@ -13,7 +13,7 @@ from IPython.display import display
 
 from jupyter_swarm.notebook.generation import GenerationResult
 from jupyter_swarm.notebook.kernel_swarm import KernelSwarm, get_kernel_swarm
-from jupyter_swarm.options import QUANT_TYPE_HELP, QUANT_TYPES
+from jupyter_swarm.options import QUANT_TYPE_HELP, QUANT_TYPES, SPECULATIVE_HELP
 
 DESCRIPTION = """Drive a swarm from this notebook. Subcommands:
   connect MODEL [--peers MADDR ...] [--local] [--swarm-key FILE]
@@ -77,6 +77,7 @@ def build_parser() -> _Parser:
                      help="continue the prompt as plain text (default for a model with a chat template: the prompt "
                           "is a user message in the chat template, after the system prompt)")
     gen.add_argument("--system", default=None, metavar="TEXT", help="the chat's system prompt")
+    gen.add_argument("--speculative", default="off", metavar="MODE", help=f"speculative decoding: {SPECULATIVE_HELP}")
 
     serve = sub.add_parser("serve", help="serve blocks of the connected model from this kernel (background)")
     serve.add_argument("--blocks", default="auto", help="auto (fewest servers first) or START:END")
@@ -241,7 +242,7 @@ class SwarmMagics(Magics):
         print(f"{prompt}\n\n" if chat else prompt, end="", flush=True)  # a chat answers; a plain prompt continues
         stream = swarm.generate_stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, num_beams=args.num_beams, chat=chat,
-                                         system_prompt=args.system)
+                                         system_prompt=args.system, speculative=args.speculative)
         result: GenerationResult | None = None
         try:
             for item in stream:
@@ -261,6 +262,7 @@ class SwarmMagics(Magics):
         print(f"\n\n{result.tokens} tokens in {result.seconds:.2f} s"
               + (f", {result.tokens_per_second:.1f} tokens/s, {1000 * result.seconds_per_token:.1f} ms/token"
                  if result.tokens > 1 else "")
+              + (f"; {result.speculation_summary()}" if result.speculation_summary() else "")
               + (f"\nroute: client -> {chain} -> client" if chain else ""), flush=True)
 
     def _serve(self, args: argparse.Namespace, cell: str | None) -> None:

@@ -117,13 +117,17 @@ class GenerationWidget(widgets.VBox):
                                                style=style)
         self.top_p = widgets.FloatSlider(1.0, min=0.05, max=1.0, step=0.05, description="Top-p", style=style)
         self.num_beams = widgets.IntSlider(1, 1, 8, description="Beams", style=style)
+        self.speculative = widgets.Combobox(value="off", options=["off", "lookup", "draft:"], description="Speculative",
+                                            placeholder="off, lookup[:K] or draft:PATH", ensure_option=False,
+                                            style=style)
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.output = widgets.HTML("")
         self.stats = widgets.HTML("")
         self.route = widgets.HTML("")
         for w, name in ((self.generate_button, "generate"), (self.stop_button, "stop"), (self.output, "output"),
-                        (self.stats, "stats"), (self.route, "route"), (self.prompt, "prompt")):
+                        (self.stats, "stats"), (self.route, "route"), (self.prompt, "prompt"),
+                        (self.speculative, "speculative")):
             w.add_class(f"jupyter-swarm-{name}")
         self.generate_button.on_click(lambda _: self.generate())
         self.stop_button.on_click(lambda _: self.stop())
@@ -135,7 +139,7 @@ class GenerationWidget(widgets.VBox):
         super().__init__([
             widgets.HTML("<b>Generate through the swarm</b>"), self.prompt,
             widgets.HBox([widgets.VBox([self.max_new_tokens, self.temperature]),
-                          widgets.VBox([self.top_p, self.num_beams])]),
+                          widgets.VBox([self.top_p, self.num_beams]), self.speculative]),
             widgets.HBox([self.generate_button, self.stop_button]), self.output, self.stats, self.route], **kwargs)
         self.add_class("jupyter-swarm-generation")
 
@@ -164,16 +168,18 @@ class GenerationWidget(widgets.VBox):
             self.swarm.generation.start_generation(
                 self.prompt.value, on_text=self._on_text, on_done=self._on_done,
                 max_new_tokens=self.max_new_tokens.value, temperature=self.temperature.value,
-                top_p=self.top_p.value, num_beams=self.num_beams.value)
+                top_p=self.top_p.value, num_beams=self.num_beams.value, speculative=self.speculative.value)
         except Exception as e:  # noqa: BLE001 - shown in the widget
             self._on_done(GenerationResult(error=str(e)))
 
     def _on_text(self, piece: str) -> None:
         self.text += piece
-        self._tokens += 1
+        result = self.swarm.generation.current
+        tokens = result.tokens if result is not None else self._tokens + 1  # several when accepted together
+        self._times.extend([time.perf_counter()] * (tokens - self._tokens))
+        self._tokens = tokens
         elapsed = time.perf_counter() - self._began
         self._render_output(True)
-        self._times.append(time.perf_counter())
         recent = self._times[-16:]
         speed = (f", {(len(recent) - 1) / (recent[-1] - recent[0]):.1f} tokens/s"
                  if len(recent) > 1 and recent[-1] > recent[0] else "")
@@ -191,7 +197,9 @@ class GenerationWidget(widgets.VBox):
         else:
             speed = (f", <b>{result.tokens_per_second:.1f} tokens/s</b>, {1000 * result.seconds_per_token:.1f} ms per "
                      "token" if result.tokens > 1 else "")
+            summary = result.speculation_summary()
             self.stats.value = (f"{result.tokens} tokens in {result.seconds:.2f} s{speed}"
+                                + (f"; {html.escape(summary)}" if summary else "")
                                 + (" <b>(stopped)</b>" if result.stopped else ""))
         self.generate_button.disabled, self.stop_button.disabled = False, True
         self.done.set()

@@ -112,6 +112,27 @@ def test_generate_streams_tokens(kernel: Kernel) -> None:
     assert "6 tokens in" in kernel.stdout(out) and not errors(out)
 
 
+def test_speculative_generation_from_the_magic_and_the_widget(kernel: Kernel) -> None:
+    # the model drafting for itself: every guess holds
+    out = kernel.run("%%swarm generate --max-new-tokens 12 --speculative draft:{swarm.model_path}\nHello there")
+    text = kernel.stdout(out)
+    assert "12 tokens in" in text and "speculative draft:" in text and "100% of" in text and not errors(out), out
+    out = kernel.run("%%swarm generate --max-new-tokens 12 --speculative lookup:4\nHello there Hello there Hello")
+    assert "12 tokens in" in kernel.stdout(out) and "speculative lookup:4: " in kernel.stdout(out), out
+    for line, expected in [('%swarm generate "x" --speculative sometimes', "unknown speculative mode 'sometimes'"),
+                           ('%swarm generate "x" --speculative lookup --num-beams 2', "works with one beam")]:
+        out = kernel.run(line)
+        assert expected in kernel.stderr(out) and not errors(out), (line, out)
+    out = kernel.run(
+        "from jupyter_swarm.notebook import GenerationWidget\n"
+        "w = GenerationWidget(prompt='Once')\n"
+        "w.max_new_tokens.value = 10\n"
+        "w.speculative.value = 'draft:' + swarm.model_path\n"
+        "w.generate(); assert w.done.wait(120)\n"
+        "print(w.result.tokens, w.result.error, w.result.acceptance_rate, '100% of' in w.stats.value)")
+    assert kernel.stdout(out).split("\n")[0] == "10 None 1.0 True", out
+
+
 def test_openai_api_from_the_kernel(kernel: Kernel) -> None:
     import httpx
 
