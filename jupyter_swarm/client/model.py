@@ -21,7 +21,7 @@ from jupyter_swarm.client.batching import remote_blocks_chunked
 from jupyter_swarm.client.inference import InferenceSession
 from jupyter_swarm.client.remote_blocks import RemoteBlocks
 from jupyter_swarm.client.session_cache import SessionCache
-from jupyter_swarm.client.speculation import SpeculationStats
+from jupyter_swarm.client.speculation import SpeculationStats, cap_candidates
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.client.tuning import PromptTuning, make_prompt_tuning
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
@@ -256,10 +256,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' candidate generator for assisted generation, counted in :attr:`speculation`."""
+    def _get_candidate_generator(self, generation_config: GenerationConfig, *args: Any, **kwargs: Any) -> Any:
+        """transformers' candidate generator for assisted generation, kept within ``max_length`` (the session's
+        size) and counted in :attr:`speculation`."""
+        generator = super()._get_candidate_generator(generation_config, *args, **kwargs)
         self.speculation = SpeculationStats()
-        return self.speculation.watch(super()._get_candidate_generator(*args, **kwargs))
+        return self.speculation.watch(cap_candidates(generator, generation_config.max_length))
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search reorders hypotheses: the servers reorder their caches at the next step."""

@@ -52,6 +52,24 @@ class SpeculationStats:
         return generator
 
 
+def cap_candidates(generator: Any, max_length: int) -> Any:
+    """Make a transformers candidate generator propose no token past ``max_length - 1`` (patched on the instance;
+    returned), so the check step fits the session. transformers' prompt lookup can propose up to K tokens past the
+    end (it only cuts what it accepted afterwards): harmless for a local cache, but a server session is sized."""
+    get_candidates = generator.get_candidates
+
+    def capped(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        candidates, logits = get_candidates(input_ids, *args, **kwargs)
+        room = max(0, max_length - 1 - input_ids.shape[1])
+        if candidates.shape[1] - input_ids.shape[1] > room:
+            candidates = candidates[:, :input_ids.shape[1] + room]
+            logits = None if logits is None else logits[:, :room]
+        return candidates, logits
+
+    generator.get_candidates = capped
+    return generator
+
+
 _drafts: dict[str, torch.nn.Module] = {}
 _drafts_lock = threading.Lock()
 

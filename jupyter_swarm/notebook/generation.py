@@ -99,8 +99,8 @@ class Generation:
                          system_prompt: str | None = None, speculative: str = "off") -> threading.Thread:
         """Start generating in a background thread; ``on_text`` gets pieces, ``on_done`` the result (``chat``,
         ``system_prompt`` and ``speculative`` as in :meth:`generate_stream`)."""
-        from jupyter_swarm.client.speculation import parse_speculative
         from jupyter_swarm.errors import ConfigurationError
+        from jupyter_swarm.options import parse_speculative
 
         model = self.connection.require_model()
         kind, _ = parse_speculative(speculative)

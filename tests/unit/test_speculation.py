@@ -7,7 +7,7 @@ import torch
 
 from jupyter_swarm.client.inference import _SpanSession
 from jupyter_swarm.client.session_cache import SessionCache
-from jupyter_swarm.client.speculation import SpeculationStats
+from jupyter_swarm.client.speculation import SpeculationStats, cap_candidates
 from jupyter_swarm.options import DEFAULT_LOOKUP_TOKENS, parse_speculative
 from jupyter_swarm.errors import ConfigurationError
 
@@ -62,3 +62,26 @@ def test_session_cache_crops_the_session_and_hides_prompt_positions():
 def test_acceptance_rate():
     assert SpeculationStats().acceptance_rate is None
     assert SpeculationStats(drafted=8, accepted=6, rounds=2).acceptance_rate == 0.75
+
+
+class _Guesser:
+    def __init__(self, extra: int, with_logits: bool):
+        self.extra, self.with_logits = extra, with_logits
+
+    def get_candidates(self, input_ids):
+        candidates = torch.cat([input_ids, torch.arange(self.extra).view(1, -1)], 1)
+        return candidates, torch.zeros(1, self.extra, 7) if self.with_logits else None
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        pass
+
+
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_candidates_never_go_past_max_length(with_logits):
+    """transformers' prompt lookup proposes up to K tokens past max_length; a server session has no room for them."""
+    generator = cap_candidates(_Guesser(extra=5, with_logits=with_logits), max_length=12)
+    candidates, logits = generator.get_candidates(torch.zeros(1, 9, dtype=torch.long))
+    assert candidates.shape == (1, 11)  # 9 + 2: the model's own next token after them still fits in 12
+    assert logits is None or logits.shape == (1, 2, 7)
+    candidates, _ = generator.get_candidates(torch.zeros(1, 4, dtype=torch.long))
+    assert candidates.shape == (1, 9)  # room enough: untouched
