@@ -17,6 +17,7 @@ import torch
 
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.options import parse_speculative
+from jupyter_swarm.wire.protocols import RELAY_MAX_TOKENS
 
 
 @dataclass
@@ -52,15 +53,17 @@ class SpeculationStats:
         return generator
 
 
-def cap_candidates(generator: Any, max_length: int) -> Any:
-    """Make a transformers candidate generator propose no token past ``max_length - 1`` (patched on the instance;
-    returned), so the check step fits the session. transformers' prompt lookup can propose up to K tokens past the
-    end (it only cuts what it accepted afterwards): harmless for a local cache, but a server session is sized."""
+def cap_candidates(generator: Any, max_length: int, max_candidates: int = RELAY_MAX_TOKENS - 1) -> Any:
+    """Make a transformers candidate generator propose no token past ``max_length - 1`` and at most
+    ``max_candidates`` at once (patched on the instance; returned). transformers' prompt lookup can propose up to K
+    tokens past the end (it only cuts what it accepted afterwards): harmless for a local cache, but a server session
+    is sized. A draft model's candidates grow while they hold; past ``max_candidates`` the check step (candidates +
+    1 tokens) would be too big to relay server to server."""
     get_candidates = generator.get_candidates
 
     def capped(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         candidates, logits = get_candidates(input_ids, *args, **kwargs)
-        room = max(0, max_length - 1 - input_ids.shape[1])
+        room = max(0, min(max_candidates, max_length - 1 - input_ids.shape[1]))
         if candidates.shape[1] - input_ids.shape[1] > room:
             candidates = candidates[:, :input_ids.shape[1] + room]
             logits = None if logits is None else logits[:, :room]

@@ -85,3 +85,6 @@ def test_candidates_never_go_past_max_length(with_logits):
     assert logits is None or logits.shape == (1, 2, 7)
     candidates, _ = generator.get_candidates(torch.zeros(1, 4, dtype=torch.long))
     assert candidates.shape == (1, 9)  # room enough: untouched
+    generator = cap_candidates(_Guesser(extra=80, with_logits=with_logits), max_length=1000)
+    candidates, logits = generator.get_candidates(torch.zeros(1, 4, dtype=torch.long))
+    assert candidates.shape == (1, 4 + 63)  # a check step of 63 + 1 tokens: still relayed (RELAY_MAX_TOKENS 64)
