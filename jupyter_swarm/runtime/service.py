@@ -373,7 +373,7 @@ class SpanService:
             raise InvalidRequestError(f"beam_idx must be {batch_size} int64 row indices in 0..{batch_size - 1}")
         prompts = _decoded(step.prompts, "prompts")
         hidden = step.hidden.decode("hidden states", finite=True)
-        await self._hold(session, cache.length + new_tokens)
+        await self._hold(session, step.position + new_tokens)
         # what a relayed step carries on: the inputs it arrived with plus its own, when it arrived from a server;
         # a step straight from the client carries nothing (the client has its input)
         carry = [] if step.carry is None else [*step.carry, step.hidden]
