@@ -33,6 +33,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.p2p.addresses import AnnouncedAddresses, all_loopback
 from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
+from jupyter_swarm.p2p.hot_path import patch_hot_path
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.p2p.identity import new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions, Reachability
@@ -144,6 +145,7 @@ class P2PNode:
         """Start the trio thread and the host; returns once it is listening."""
         quiet_libp2p_logs()
         tune_yamux()
+        patch_hot_path()
         self._portal_cm = start_blocking_portal(backend="trio")
         self._portal = self._portal_cm.__enter__()
         try:
