@@ -8,14 +8,17 @@ from reading each Noise message with two socket reads. The debug f-strings forma
 writer's extra scheduler pass, measured nothing (about 15 f-strings per round trip at 0.3 us each), so they are left
 as they are.
 
-The patches:
+The patch:
 
 - ``eager_locks``: the trio locks of a stream's write and read path (the stream's state lock, yamux's stream,
   window and write locks, the TCP stream's read and write locks) take a free lock without a scheduler pass.
   Waiters are still served in order (trio hands a released lock straight to the next waiter, so a free lock has
   none), and a cancelled task still gets ``Cancelled`` at the lock. Round trip 0.31 -> 0.26 ms.
-- ``buffered_tcp_reads``: a TCP connection reads what has arrived (up to 64 KiB) in one system call and serves the
-  Noise layer's two reads per message (length, then body) from that buffer. Round trip 0.31 -> 0.29 ms alone.
+
+Tried and not kept: reading each TCP connection in 64 KiB chunks (one system call per Noise message instead of two)
+brought nothing on top of this (0.256 vs 0.255 ms) and, without the scheduler pass each socket read gives, let yamux
+handle a frame's data and a following reset in one go, so the reset discarded the data before the stream's reader
+saw it (a refused stream then failed while negotiating its protocol instead of at its first message).
 
 Each checks the py-libp2p version and the internals it relies on, and changes nothing (logging why) when they
 differ. ``JUPYTER_SWARM_LIBP2P_PATCHES`` (``all``, the default; ``none``; or a comma list of names) chooses
@@ -37,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_VERSION = "0.8.1"
 PATCHES_ENV = "JUPYTER_SWARM_LIBP2P_PATCHES"
-_READ_CHUNK = 64 * 1024
 
 
 def _libp2p_version() -> str | None:
@@ -193,47 +195,8 @@ def eager_locks() -> bool:
     return True
 
 
-# ---- buffered TCP reads -----------------------------------------------------------------------------------------
-
-def buffered_tcp_reads() -> bool:
-    """Read a TCP connection in chunks of up to 64 KiB and serve small reads from the chunk (idempotent); False,
-    changing nothing, if py-libp2p's internals differ."""
-    name = "buffered_tcp_reads"
-    if not _supported(name):
-        return False
-    from libp2p.io.trio import TrioTCPStream
-
-    if getattr(TrioTCPStream, "_jupyter_swarm_buffered", False):
-        return True
-    if not all(hasattr(TrioTCPStream, n) for n in ("read", "write", "close")):
-        return _refuse(name, "py-libp2p's TCP stream has changed")
-    original = TrioTCPStream.read
-
-    async def read(self: Any, n: int | None = None) -> bytes:
-        buffered: bytearray | None = getattr(self, "_jupyter_swarm_buffer", None)
-        if n == 0:
-            return b""
-        if buffered:
-            # Served without a system call or a scheduler pass: the read that filled the buffer was one.
-            take = len(buffered) if n is None else min(n, len(buffered))
-            data = bytes(buffered[:take])
-            del buffered[:take]
-            return data
-        data = await original(self, None if n is None else max(n, _READ_CHUNK))
-        if n is not None and len(data) > n:
-            self._jupyter_swarm_buffer = bytearray(data[n:])
-            data = data[:n]
-        return data
-
-    read.__doc__ = original.__doc__
-    TrioTCPStream.read = read
-    TrioTCPStream._jupyter_swarm_buffered = True
-    return True
-
-
 PATCHES: dict[str, Callable[[], bool]] = {
     "eager_locks": eager_locks,
-    "buffered_tcp_reads": buffered_tcp_reads,
 }
 
 

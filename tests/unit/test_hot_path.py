@@ -139,32 +139,13 @@ def test_eager_semaphore_may_be_released_by_another_task():
     trio.run(main)
 
 
-def test_buffered_tcp_reads_return_exactly_what_was_sent_in_order():
-    assert hot_path.buffered_tcp_reads()
-
-    async def main() -> None:
-        left, right = trio.testing.memory_stream_pair()
-        reader = TrioTCPStream(right)
-        await left.send_all(b"\x00\x05hello\x00\x03abc")
-        assert await reader.read(0) == b""
-        assert await reader.read(2) == b"\x00\x05"  # one receive takes all of it; the rest is buffered
-        assert await reader.read(5) == b"hello"
-        assert await reader.read(None) == b"\x00\x03abc"
-        await left.send_all(b"xyz")
-        assert await reader.read(10) == b"xyz"
-        await left.aclose()
-        assert await reader.read(4) == b""  # end of stream, as before
-
-    trio.run(main)
-
-
 # ---- the guard --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("patch", list(hot_path.PATCHES))
 def test_a_patch_refuses_another_libp2p_version_and_changes_nothing(patch, monkeypatch, caplog):
     monkeypatch.setattr(hot_path, "_libp2p_version", lambda: "0.9.0")
     for cls in (Yamux, YamuxStream, NetStream, TrioTCPStream):  # as if never installed
-        for flag in ("_jupyter_swarm_eager_locks", "_jupyter_swarm_buffered"):
+        for flag in ("_jupyter_swarm_eager_locks",):
             if flag in vars(cls):
                 monkeypatch.delattr(cls, flag)
     before = {cls: dict(vars(cls)) for cls in (Yamux, YamuxStream, NetStream, TrioTCPStream)}
