@@ -13,6 +13,7 @@ from libp2p.crypto.keys import KeyPair
 
 from jupyter_swarm.client.routing import (BanList, SpanRoute, choose_chain, choose_forward_chain, explain_missing,
                                           servers_to_ping, unsuitable_servers)
+from jupyter_swarm.dht.records import ServerState
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
@@ -94,11 +95,12 @@ class SwarmClient:
         self.store = RecordStore(self.node, serve=False)
 
     # ---- the swarm map ----------------------------------------------------------------------------
-    async def swarm_map(self, *, fresh: bool = False) -> SwarmMap:
-        """The swarm map. ``fresh`` reads it now; otherwise the last map is returned at once and, when older than
-        ``map_max_age`` seconds, re-read in the background (reading costs 10-20 ms, too much per generate())."""
+    async def swarm_map(self, *, fresh: bool = False, wide: bool = False) -> SwarmMap:
+        """The swarm map. ``fresh`` reads it now (``wide``: from more replicas per block); otherwise the last map
+        is returned at once and, when older than ``map_max_age`` seconds, re-read in the background (reading costs
+        10-20 ms, too much per generate())."""
         if fresh or self._map is None:
-            await self._read_map()
+            await self._read_map(wide=wide)
         elif time.monotonic() - self._map_time > self.map_max_age and not self._map_refreshing:
             self._map_refreshing = True
             self.node.spawn(self._refresh_map_in_background)
@@ -111,11 +113,12 @@ class SwarmClient:
         except Exception:  # noqa: BLE001 - a failed refresh must not take the client's host down
             logger.warning("could not refresh the swarm map; using the previous one", exc_info=True)
 
-    async def _read_map(self) -> None:
+    async def _read_map(self, *, wide: bool = False) -> None:
         try:
-            swarm = await read_swarm(self.store, self.model_prefix, self.num_blocks)
+            swarm = await read_swarm(self.store, self.model_prefix, self.num_blocks, wide=wide)
             for record in swarm.servers.values():
                 self.node.remember_addrs(record.peer_id, record.addrs)
+            self.store.learn(s.peer_id for s in swarm.servers.values() if s.state != ServerState.OFFLINE)
             self._map, self._map_time = swarm, time.monotonic()
         finally:
             self._map_refreshing = False
@@ -134,7 +137,7 @@ class SwarmClient:
         deadline = time.monotonic() + self.wait_for_coverage
         fresh = False
         while True:
-            swarm = await self.swarm_map(fresh=fresh)
+            swarm = await self.swarm_map(fresh=fresh, wide=fresh)
             lists = dict(banned=self.bans.banned(), allowed=self.allowed_servers,
                          blocked=self.blocked_servers | self.unsuitable_servers(swarm))
             try:

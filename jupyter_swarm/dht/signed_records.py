@@ -37,6 +37,10 @@ MAX_CLOCK_SKEW = 60.0
 MAX_KEYS = 512  # keys one record may name (a server's blocks)
 SIGNATURE_BYTES = 64
 
+class ExpiredRecordError(ProtocolError):
+    """The record's signed expiry has passed (routine at the edge of a record's life, not an attack)."""
+
+
 _last_issued = 0.0
 _issued_lock = threading.Lock()
 
@@ -106,7 +110,7 @@ def verify_record(blob: bytes, *, key: str, signer: str, now: float | None = Non
         raise ProtocolError(f"the record was issued {issued - now:.0f} s in the future (clocks must agree within "
                             f"{MAX_CLOCK_SKEW:g} s)")
     if expires <= now:
-        raise ProtocolError("the record has expired")
+        raise ExpiredRecordError("the record has expired")
     public_key = _public_key_of(signer)
     try:
         valid = public_key.verify(_signed_bytes(keys, issued, expires, value), signature)

@@ -25,7 +25,8 @@ import trio
 from libp2p.peer.id import ID
 
 from jupyter_swarm.dht.local_records import LocalRecords
-from jupyter_swarm.dht.signed_records import MAX_TTL, SignedRecord, sign_record, verify_record
+from jupyter_swarm.dht.signed_records import (
+    MAX_TTL, ExpiredRecordError, SignedRecord, sign_record, verify_record)
 from jupyter_swarm.errors import PeerUnavailableError, ProtocolError, RemoteError, SwarmError
 from jupyter_swarm.p2p.framing import FramedStream
 from jupyter_swarm.p2p.host import P2PNode
@@ -39,8 +40,11 @@ M = TypeVar("M", bound=Message)
 PROTOCOL = RECORDS
 REPLICAS = 5
 STORE_BATCH_BYTES = RECORDS_MAX_REQUEST_BYTES // 2  # values per store request, leaving room for keys and framing
+WIDE_REPLICAS = 3 * REPLICAS
 REQUEST_TIMEOUT = 5.0
 FAILED_PEER_SECONDS = 30.0
+ANNOUNCER_MEMORY = 600.0  # seconds a server seen in the records stays a replica candidate
+MAX_ANNOUNCERS = 1024
 
 
 def _distance(a: bytes, b: bytes) -> int:
@@ -55,6 +59,7 @@ class RecordStore:
         self.local = LocalRecords()
         self._answered: set[str] = set()
         self._failing: dict[str, float] = {}
+        self._announcers: dict[str, float] = {}  # peers whose records we read -> when (they hold records too)
         if serve:
             node.set_handler(PROTOCOL, self._handle, RECORDS_STREAMS)
 
@@ -70,9 +75,20 @@ class RecordStore:
         if self.node.dht is not None:
             peers.update(str(p) for p in self.node.dht.routing_table.get_peer_ids())
         now = time.monotonic()
+        announcers = {p for p, seen in self._announcers.items() if now - seen < ANNOUNCER_MEMORY}
         failing = {p for p, until in self._failing.items() if until > now}
-        good = {p for p in peers if p in self._answered or self._speaks_protocol(p)} - failing
-        return good or (connected - failing)
+        good = {p for p in peers if p in self._answered or self._speaks_protocol(p)} | announcers
+        return (good - failing) or (connected - failing)
+
+    def learn(self, peer_ids: Iterable[str]) -> None:
+        """Remember peers whose records we just read (servers hold records): under churn, the peers we first
+        connected to may all be gone, and the servers that replaced them are only known from their records."""
+        now = time.monotonic()
+        for peer_id in peer_ids:
+            self._announcers.pop(peer_id, None)
+            self._announcers[peer_id] = now
+        while len(self._announcers) > MAX_ANNOUNCERS:
+            del self._announcers[next(iter(self._announcers))]
 
     def _speaks_protocol(self, peer_id: str) -> bool:
         try:
@@ -84,15 +100,15 @@ class RecordStore:
         self._answered.discard(peer_id)
         self._failing[peer_id] = time.monotonic() + FAILED_PEER_SECONDS
 
-    def replicas_for(self, key: str, *, include_self: bool) -> list[str]:
-        """The REPLICAS peers closest to ``key`` that this peer knows of."""
+    def replicas_for(self, key: str, *, include_self: bool, count: int = REPLICAS) -> list[str]:
+        """The ``count`` peers closest to ``key`` that this peer knows of."""
         peers = self._candidates()
         if include_self:
             peers.add(self.node.peer_id)
         else:
             peers.discard(self.node.peer_id)
         key_bytes = key.encode()
-        return sorted(peers, key=lambda p: _distance(p.encode(), key_bytes))[:REPLICAS]
+        return sorted(peers, key=lambda p: _distance(p.encode(), key_bytes))[:count]
 
     # ---- client side ------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes, ttl: float) -> int:
@@ -124,10 +140,13 @@ class RecordStore:
                 nursery.start_soon(store_at, peer, keys)
         return min(stored.values(), default=0)
 
-    async def get_many(self, keys: list[str]) -> dict[str, dict[str, tuple[bytes, float]]]:
+    async def get_many(self, keys: list[str], *, wide: bool = False) -> dict[str, dict[str, tuple[bytes, float]]]:
         """Read ``keys`` from every replica; returns {key: {subkey: (value, seconds left)}}.
 
-        Only records whose signature, keys and expiry verify are kept; per sub-key the latest issued one wins."""
+        Only records whose signature, keys and expiry verify are kept; per sub-key the latest issued one wins.
+        ``wide``: ask ``WIDE_REPLICAS`` peers per key instead of ``REPLICAS``: when peers come and go faster than
+        records are refreshed, the writer's and the reader's closest peers differ, and a wider read finds what
+        a narrow one misses."""
         verified: dict[str, dict[str, SignedRecord]] = {key: {} for key in keys}
         checked: dict[tuple[bytes, str], SignedRecord | None] = {}  # one record often sits under many keys
 
@@ -151,7 +170,7 @@ class RecordStore:
                     merge(key, entries)
 
         async with trio.open_nursery() as nursery:
-            for peer, peer_keys in self._group_by_replica(keys).items():
+            for peer, peer_keys in self._group_by_replica(keys, WIDE_REPLICAS if wide else REPLICAS).items():
                 nursery.start_soon(get_from, peer, peer_keys)
         now = time.time()
         return {key: {subkey: (record.value, record.seconds_left(now)) for subkey, record in entries.items()}
@@ -189,17 +208,19 @@ class RecordStore:
         if (blob, subkey) not in checked:
             try:
                 checked[(blob, subkey)] = verify_record(blob, key=key, signer=subkey)
+            except ExpiredRecordError:
+                checked[(blob, subkey)] = None  # it expired on its way here
             except ProtocolError as e:
                 logger.warning("ignoring a record under %r claimed to be from %s: %s", key, subkey, e)
                 checked[(blob, subkey)] = None
         record = checked[(blob, subkey)]
         return record if record is not None and key in record.keys else None
 
-    def _group_by_replica(self, keys: Iterable[str]) -> dict[str, list[str]]:
+    def _group_by_replica(self, keys: Iterable[str], count: int = REPLICAS) -> dict[str, list[str]]:
         """{replica peer: the keys it holds}, so that each replica gets one request."""
         by_peer: dict[str, list[str]] = {}
         for key in keys:
-            for peer in self.replicas_for(key, include_self=True):
+            for peer in self.replicas_for(key, include_self=True, count=count):
                 by_peer.setdefault(peer, []).append(key)
         return by_peer
 

@@ -89,10 +89,10 @@ async def read_models(store: RecordStore) -> dict[str, int]:
     return models
 
 
-async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int) -> SwarmMap:
-    """Read the current map of ``model_prefix`` from the swarm's records."""
+async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int, *, wide: bool = False) -> SwarmMap:
+    """Read the current map of ``model_prefix`` from the swarm's records (``wide``: from more replicas)."""
     keys = {block_key(model_prefix, b): b for b in range(num_blocks)}
-    found = await store.get_many(list(keys))
+    found = await store.get_many(list(keys), wide=wide)
     swarm = SwarmMap(model_prefix, num_blocks)
     for key, entries in found.items():
         block = keys[key]

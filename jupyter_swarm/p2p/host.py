@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from functools import partial
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -318,11 +319,12 @@ class P2PNode:
         peer_id, addr = parse_peer_multiaddr(address)
         info = info_from_p2p_addr(addr)
         assert self.reach is not None
+        began = time.monotonic()
         self.remember_addrs(peer_id, [address])
         try:
             await self.dial(peer_id, timeout=timeout)
         except PeerUnavailableError as e:
-            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            reason = self.security.explain_dial_failure(peer_id, began) if self.security is not None else None
             if reason is not None:
                 raise PeerUnavailableError(f"could not connect to peer at {address}: {reason}") from e
             raise PeerUnavailableError(f"could not reach peer at {address}: {e}") from e
@@ -347,9 +349,17 @@ class P2PNode:
                 errors.append(str(e))
         if not joined:
             raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
-        with trio.move_on_after(5):
-            await self.dht.refresh_routing_table()  # type: ignore[union-attr]
+        # In the background: records and routes work through the peers just joined, while a refresh that dials
+        # peers which died recently (their addresses linger in others' tables) can take seconds.
+        self.spawn(self._refresh_routing_table)
         return joined
+
+    async def _refresh_routing_table(self) -> None:
+        with trio.move_on_after(5):
+            try:
+                await self.dht.refresh_routing_table()  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - a background task must not take the host down
+                logger.debug("refreshing the DHT routing table failed", exc_info=True)
 
     async def dial(self, peer_id: str, timeout: float = DIAL_TIMEOUT) -> None:
         """Make sure there is a connection to ``peer_id`` (from the addresses in the peerstore: direct ones first,
@@ -397,10 +407,11 @@ class P2PNode:
 
     async def open_stream(self, peer_id: str, protocol: str, timeout: float = CONNECT_TIMEOUT) -> FramedStream:
         """Open a stream to a peer (dialing it if needed, from addresses in the peerstore)."""
+        began = time.monotonic()
         try:
             await self.dial(peer_id)
         except PeerUnavailableError as e:
-            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            reason = self.security.explain_dial_failure(peer_id, began) if self.security is not None else None
             if reason is None:
                 raise
             raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {reason}") from e
@@ -408,7 +419,7 @@ class P2PNode:
             with trio.fail_after(timeout):
                 raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as e:
-            reason = self.security.explain_dial_failure(peer_id) if self.security is not None else None
+            reason = self.security.explain_dial_failure(peer_id, began) if self.security is not None else None
             raise PeerUnavailableError(f"could not open {protocol} to peer {peer_id}: {reason or repr(e)}") from e
         return FramedStream(raw)
 

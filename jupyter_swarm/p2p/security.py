@@ -42,7 +42,6 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from jupyter_swarm.p2p.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
-_OUTCOME_MEMORY = 60.0  # seconds an outbound handshake's outcome is kept to explain a failed dial
 
 
 class SwarmHandshakeFailure(HandshakeFailure):
@@ -58,7 +57,7 @@ class SwarmSecurity(NoiseTransport):
         self.swarm_key = swarm_key
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.refused_inbound = 0  # handshakes a remote peer started and failed or was refused (for tests and logs)
-        self._outbound: dict[str, tuple[str, float]] = {}  # peer id -> (outcome, when)
+        self._outbound: dict[str, tuple[str, float]] = {}  # peer id -> (outcome of the last handshake, when)
 
     def get_pattern(self) -> PatternXX:
         prologue = self.swarm_key.noise_prologue if self.swarm_key is not None else None
@@ -81,6 +80,8 @@ class SwarmSecurity(NoiseTransport):
             self._outbound[str(peer_id)] = ("failed", time.monotonic())
             raise
         self._outbound[str(peer_id)] = ("secured", time.monotonic())
+        if len(self._outbound) > 4096:  # only recent outcomes matter (the dial in progress)
+            del self._outbound[next(iter(self._outbound))]
         self._admit(secured)
         return secured
 
@@ -104,11 +105,11 @@ class SwarmSecurity(NoiseTransport):
         if self.allowed_peers is not None and remote not in self.allowed_peers:
             raise SwarmHandshakeFailure(f"peer {remote} is not on this peer's allow-list of peer ids")
 
-    def explain_dial_failure(self, peer_id: str) -> str | None:
-        """Why dialing ``peer_id`` just failed, when this transport saw it: the handshake failed (swarm key),
-        or it succeeded and the peer closed the connection at once (its allow-list)."""
+    def explain_dial_failure(self, peer_id: str, since: float) -> str | None:
+        """Why dialing ``peer_id`` (begun at monotonic time ``since``) failed, when this transport saw it: the
+        handshake failed (swarm key), or it succeeded and the peer closed the connection at once (its allow-list)."""
         outcome = self._outbound.get(peer_id)
-        if outcome is None or time.monotonic() - outcome[1] > _OUTCOME_MEMORY:
+        if outcome is None or outcome[1] < since:
             return None
         if outcome[0] == "failed":
             here = f"swarm key {self.swarm_key.fingerprint}" if self.swarm_key else "no swarm key"
