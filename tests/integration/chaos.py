@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from jupyter_swarm import AutoDistributedModelForCausalLM
-from jupyter_swarm.models import make_tiny_model
 from tests.integration.server_zygote import ForkedServer, Zygote
 
 SERVER_ARGS = ["--torch-threads", "1", "--update-period", "2", "--throughput", "10", "--bandwidth-mbps", "1000",
@@ -90,9 +89,8 @@ class _Swarm:
         self.zygote, self.model = zygote, model
         self.servers: list[ForkedServer] = []
         self.lock = threading.Lock()
-        other = make_tiny_model(str(workdir / "bootstrap-model"), family="llama", hidden_size=16, num_layers=1,
-                                num_heads=2, num_kv_heads=1, seed=0)
-        self.bootstrap = zygote.fork_server(other, 0, 1, [*SERVER_ARGS, "--new-swarm"]).wait_ready()
+        self.bootstrap = zygote.fork(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--stop-with-parent"])
+        self.bootstrap.wait_ready()
         for span in spans:
             for _ in range(per_span):
                 self.replace(span)
@@ -113,11 +111,12 @@ class _Swarm:
 
 def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]], *, kills: int, workdir: Path,
              spans: Sequence[tuple[int, int]] = ((0, 2), (2, 4)), per_span: int = 3, min_age: float = 1.0,
-             max_new_tokens: int = 24, prompts: Sequence[torch.Tensor] = (), seed: int = 0, on_chain: float = 0.85,
+             max_new_tokens: int = 24, tokens_between_kills: tuple[int, int] = (1, 12),
+             prompts: Sequence[torch.Tensor] = (), seed: int = 0, on_chain: float = 0.85,
              log: Callable[[str], None] = lambda line: None) -> SoakResult:
     """Generate until ``kills`` servers were SIGKILLed; ``expected(prompt, n)``: the local run's tokens.
 
-    Kill points: after a random number of tokens (1..``max_new_tokens``) since the last kill, plus a random delay
+    Kill points: after a random number of tokens (``tokens_between_kills``) since the last kill, plus a random delay
     of up to a few milliseconds (so a kill lands anywhere in a step: sending, computing, pushing, answering), the
     killer SIGKILLs a server, of the chain in use with probability ``on_chain``."""
     rng = random.Random(seed)
@@ -147,7 +146,7 @@ def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]]
             return rng.choice(pool) if pool else None
 
         def kill_loop() -> None:
-            next_at = rng.randint(1, max_new_tokens)
+            next_at = rng.randint(*tokens_between_kills)
             while not stop.is_set() and result.kills < kills:
                 if not tokens.wait_for(next_at, timeout=0.5):
                     continue
@@ -164,7 +163,7 @@ def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]]
                         result.kills_during_generation[mode] += 1
                     swarm.replace((victim.start_block, victim.end_block))
                     result.servers_started += 1
-                next_at = tokens.count + rng.randint(1, max_new_tokens)
+                next_at = tokens.count + rng.randint(*tokens_between_kills)
 
         killer = threading.Thread(target=kill_loop, name="chaos-killer", daemon=True)
         killer.start()

@@ -89,10 +89,14 @@ class Zygote:
 
     def fork_server(self, model: str, start: int, end: int, args: Sequence[str]) -> ForkedServer:
         """Start `jupyter-swarm serve MODEL --blocks START:END ARGS...` (returns at once; see wait_ready)."""
+        return self.fork(["serve", model, "--blocks", f"{start}:{end}", "--stop-with-parent", *args], start, end)
+
+    def fork(self, argv: Sequence[str], start: int = 0, end: int = 0) -> ForkedServer:
+        """Start `jupyter-swarm ARGV...` (a `serve` or a `bootstrap` command)."""
         with self._lock:
             self._count += 1
-            log = self.workdir / f"server-{self._count}-{start}-{end}.log"
-            argv = [*self.global_options, "serve", model, "--blocks", f"{start}:{end}", "--stop-with-parent", *args]
+            log = self.workdir / f"{argv[0]}-{self._count}-{start}-{end}.log"
+            argv = [*self.global_options, *argv]
             assert self.process.stdin is not None and self.process.stdout is not None
             self.process.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
             reply = self.process.stdout.readline()
@@ -131,6 +135,7 @@ def _reap(*_: object) -> None:
 def _serve_forever() -> None:
     # Everything a server imports, imported once here (no threads, loops or torch pools start on import).
     import jupyter_swarm.cli as cli
+    import jupyter_swarm.runtime.bootstrap  # noqa: F401
     import jupyter_swarm.runtime.server  # noqa: F401 - torch, transformers, libp2p, trio, the model families
 
     signal.signal(signal.SIGCHLD, _reap)
