@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 
 import multiaddr
 import pytest
@@ -94,6 +95,16 @@ def test_identity_file_is_private_and_atomic(tmp_path) -> None:
 
 
 # ---- connections -------------------------------------------------------------------------------------------------
+def _eventually(check, timeout: float = 5.0) -> bool:
+    """The listener registers a connection a moment after the dialer returns."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture
 def nodes():
     started: list[P2PNode] = []
@@ -112,7 +123,7 @@ def test_same_swarm_key_connects(nodes) -> None:
     key = generate_swarm_key()
     server, client = nodes(swarm_key=key), nodes(swarm_key=key)
     assert client.call(client.connect, server.addrs[0]) == server.peer_id
-    assert server.call_sync(server.connected_peers) == [client.peer_id]
+    assert _eventually(lambda: server.call_sync(server.connected_peers) == [client.peer_id])
 
 
 @pytest.mark.parametrize("server_key, client_key", [("a", "b"), ("a", None), (None, "a")],
@@ -134,7 +145,7 @@ def test_allow_list_refuses_other_peer_ids(nodes) -> None:
     welcome.call(welcome.connect, server.addrs[0])
     with pytest.raises(PeerUnavailableError, match="allow-list"):
         stranger.call(stranger.connect, server.addrs[0])
-    assert server.call_sync(server.connected_peers) == [peer_id_of(allowed)]
+    assert _eventually(lambda: server.call_sync(server.connected_peers) == [peer_id_of(allowed)])
 
 
 def test_plaintext_peers_cannot_connect(nodes) -> None:
