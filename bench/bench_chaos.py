@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from jupyter_swarm.models import make_tiny_model  # noqa: E402
 from tests.integration.chaos import run_soak  # noqa: E402
 from tests.integration.conftest import MODELS  # noqa: E402
+from tests.integration.server_zygote import Zygote  # noqa: E402
 
 
 def main() -> int:
@@ -42,8 +43,9 @@ def main() -> int:
                 cache[key] = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False)[0].tolist()
             return cache[key]
 
-        result = run_soak(path, expected, kills=args.kills, workdir=Path(workdir), seed=args.seed,
-                          log=lambda line: print(line, flush=True))
+        with Zygote(Path(workdir)) as zygote:
+            result = run_soak(zygote, path, expected, kills=args.kills, seed=args.seed,
+                              log=lambda line: print(line, flush=True))
     print(result.summary())
     for line in result.mismatches[:5]:
         print("MISMATCH", line)

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -85,9 +84,10 @@ class SoakResult:
 class _Swarm:
     """The live servers of each span, killed and replaced by the killer thread."""
 
-    def __init__(self, zygote: Zygote, model: str, spans: Sequence[tuple[int, int]], per_span: int, workdir: Path):
+    def __init__(self, zygote: Zygote, model: str, spans: Sequence[tuple[int, int]], per_span: int):
         self.zygote, self.model = zygote, model
-        self.servers: list[ForkedServer] = []
+        self.servers: list[ForkedServer] = []  # not killed (some still starting)
+        self.killed: list[ForkedServer] = []
         self.lock = threading.Lock()
         self.bootstrap = zygote.fork(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--stop-with-parent"])
         self.bootstrap.wait_ready()
@@ -96,6 +96,14 @@ class _Swarm:
                 self.replace(span)
         for server in list(self.servers):
             server.wait_ready()
+        self.initial = list(self.servers)
+
+    def __enter__(self) -> "_Swarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in [*self.servers, self.bootstrap]:
+            server.kill()
 
     def ready(self) -> list[ForkedServer]:
         return [s for s in self.servers if s.poll_ready() and s.alive]
@@ -103,18 +111,24 @@ class _Swarm:
     def initial_peers(self) -> list[str]:
         return [*self.bootstrap.addrs[:1], *(a for s in self.ready()[-2:] for a in s.addrs[:1])]
 
+    def kill(self, victim: ForkedServer) -> None:
+        victim.kill()
+        self.servers.remove(victim)
+        self.killed.append(victim)
+
     def replace(self, span: tuple[int, int]) -> ForkedServer:
         server = self.zygote.fork_server(self.model, *span, [*SERVER_ARGS, "--initial-peers", *self.initial_peers()])
         self.servers.append(server)
         return server
 
 
-def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]], *, kills: int, workdir: Path,
+def run_soak(zygote: Zygote, model_path: str, expected: Callable[[torch.Tensor, int], list[int]], *, kills: int,
              spans: Sequence[tuple[int, int]] = ((0, 2), (2, 4)), per_span: int = 3, min_age: float = 1.0,
              max_new_tokens: int = 24, tokens_between_kills: tuple[int, int] = (1, 12),
              prompts: Sequence[torch.Tensor] = (), seed: int = 0, on_chain: float = 0.85,
              log: Callable[[str], None] = lambda line: None) -> SoakResult:
-    """Generate until ``kills`` servers were SIGKILLed; ``expected(prompt, n)``: the local run's tokens.
+    """Generate until ``kills`` servers were SIGKILLed; ``expected(prompt, n)``: the local run's tokens. The servers
+    are forked by ``zygote`` (and killed at the end).
 
     Kill points: after a random number of tokens (``tokens_between_kills``) since the last kill, plus a random delay
     of up to a few milliseconds (so a kill lands anywhere in a step: sending, computing, pushing, answering), the
@@ -124,8 +138,7 @@ def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]]
     result = SoakResult()
     began = time.monotonic()
     tokens = _TokenCount()
-    with Zygote(workdir) as zygote:
-        swarm = _Swarm(zygote, model_path, spans, per_span, workdir)
+    with _Swarm(zygote, model_path, spans, per_span) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers(),
                                                                 wait_for_coverage=30.0)
         state: dict[str, str | None] = {"mode": None}
@@ -153,16 +166,18 @@ def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]]
                 time.sleep(rng.uniform(0, 0.006))
                 with swarm.lock:
                     victim = choose_victim()
-                    if victim is None:
-                        continue  # no spare server yet: try again at the next token
-                    mode = state["mode"]
-                    victim.kill()
-                    result._kill_times.append(time.perf_counter())
-                    result.kills += 1
-                    if mode is not None:
-                        result.kills_during_generation[mode] += 1
-                    swarm.replace((victim.start_block, victim.end_block))
-                    result.servers_started += 1
+                    if victim is not None:
+                        swarm.kill(victim)
+                        result._kill_times.append(time.perf_counter())
+                        result.kills += 1
+                        mode = state["mode"]
+                        if mode is not None:
+                            result.kills_during_generation[mode] += 1
+                        swarm.replace((victim.start_block, victim.end_block))
+                        result.servers_started += 1
+                if victim is None:  # no spare server yet: try again in a moment
+                    time.sleep(0.02)
+                    continue
                 next_at = tokens.count + rng.randint(*tokens_between_kills)
 
         killer = threading.Thread(target=kill_loop, name="chaos-killer", daemon=True)
@@ -196,8 +211,8 @@ def run_soak(model_path: str, expected: Callable[[torch.Tensor, int], list[int]]
             stop.set()
             killer.join(10)
             model.close()
-            result.startup = [s.ready_at - s.started_at for s in swarm.servers[len(spans) * per_span:]
-                              if s.ready_at is not None]
+            result.startup = [s.ready_at - s.started_at for s in swarm.killed + swarm.servers
+                              if s not in swarm.initial and s.ready_at is not None]
     result.seconds = time.monotonic() - began
     result.measure_kill_stalls()
     return result

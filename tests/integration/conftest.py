@@ -12,6 +12,7 @@ from jupyter_swarm import AutoDistributedModelForCausalLM
 from jupyter_swarm.client.model import DistributedModelForCausalLM
 from jupyter_swarm.local_swarm import LocalSwarm
 from jupyter_swarm.models import make_tiny_model
+from tests.integration.server_zygote import Zygote
 
 SERVER_ARGS = ["--torch-threads", "1", "--update-period", "2"]
 
@@ -37,6 +38,14 @@ def local_model() -> Callable[[str], torch.nn.Module]:
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    """One pre-imported parent that forks `jupyter-swarm` server processes in a fraction of a second (for the
+    tests that start many: the chaos soak, verified outputs); see server_zygote.py."""
+    with Zygote(tmp_path_factory.mktemp("zygote")) as parent:
+        yield parent
 
 
 @pytest.fixture

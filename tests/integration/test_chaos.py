@@ -10,7 +10,7 @@ KILLS = 200  # bench/bench_chaos.py runs 1,000
 
 
 @pytest.mark.timeout(1200)
-def test_chaos_soak_keeps_every_token(model_path, local_model, tmp_path, capsys):
+def test_chaos_soak_keeps_every_token(model_path, local_model, zygote, capsys):
     path = model_path("llama")
     cache: dict = {}
 
@@ -20,7 +20,7 @@ def test_chaos_soak_keeps_every_token(model_path, local_model, tmp_path, capsys)
             cache[key] = local_model(path).generate(prompt, max_new_tokens=new_tokens, do_sample=False)[0].tolist()
         return cache[key]
 
-    result = run_soak(path, expected, kills=KILLS, workdir=tmp_path)
+    result = run_soak(zygote, path, expected, kills=KILLS)
     with capsys.disabled():
         print("\nchaos soak: " + result.summary())
     assert result.kills >= KILLS
