@@ -22,6 +22,7 @@ import trio
 
 from jupyter_swarm.client.routing import SpanRoute
 from jupyter_swarm.client.swarm import SwarmClient
+from jupyter_swarm.client.verification import WrongOutputError, check_finite
 from jupyter_swarm.errors import (ConfigurationError, PeerUnavailableError, ProtocolError, RemoteError,
                                   ServerBusyError, SessionEvictedError, SwarmError)
 from jupyter_swarm.p2p.framing import FramedStream
@@ -166,7 +167,8 @@ class InferenceSession:
             span_prompts = None if prompts is None else prompts[span.route.start:span.route.end]
             try:
                 out = await self._send_step(span, hidden, beam_idx, span_prompts)
-            except (PeerUnavailableError, RemoteError) as e:
+                await self._verify(span, hidden, out)
+            except (PeerUnavailableError, RemoteError, WrongOutputError) as e:
                 if isinstance(e, RemoteError) and e.invalid_request:
                     raise
                 await self._replace(index, e)
@@ -194,7 +196,19 @@ class InferenceSession:
                 reply = decode(await self._recv(span), Output, shape=tuple(hidden.shape))
         except trio.TooSlowError:
             raise PeerUnavailableError(f"server {span.route.peer_id} did not answer within {self.step_timeout:g} s")
-        return reply.hidden.decode().to(hidden.dtype)
+        output = reply.hidden.decode().to(hidden.dtype)
+        check_finite(span.route.peer_id, [output], "an output")
+        return output
+
+    async def _verify(self, span: _SpanSession, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        """Now and then (the swarm's ``verifier.probability``), re-run ``span``'s step on a second server and
+        compare; raises WrongOutputError if ``span``'s server was wrong (see client/verification.py)."""
+        verifier = self.swarm.verifier
+        if self._first_prompts is not None or not verifier.should_check():
+            return  # sessions with deep prompts are not checked: the prompts are not part of the replay history
+        previous = span.inputs()
+        inputs = hidden if previous is None else torch.cat([previous, hidden], dim=1)
+        await verifier.check(span.route, inputs, output, self.compression)
 
     def _step_message(self, hidden: torch.Tensor, *, push: bool = False) -> Step:
         """The step message for new tokens' hidden states at the session's position."""
@@ -257,7 +271,9 @@ class InferenceSession:
                     raise ProtocolError(f"server {source.route.peer_id} answered a relayed step with "
                                         f"{len(reply.carry or [])} carried inputs (expected {index})")
                 output = reply.hidden.decode().to(hidden.dtype)
-                carry = [c.decode().to(hidden.dtype) for c in reply.carry]
+                carry = [c.decode().to(hidden.dtype) for c in reply.carry]  # shapes checked by decode()
+                # before anything enters the replay history: a NaN there would poison every later failover
+                check_finite(source.route.peer_id, [output, *carry], "a relayed step's output or carried inputs")
         except (SwarmError, trio.TooSlowError) as e:
             if isinstance(e, RemoteError) and e.invalid_request and source is spans[0]:
                 raise  # the client's own step is bad; any server would refuse it
@@ -266,8 +282,16 @@ class InferenceSession:
             self._push_ready = False
             await self._rebuild_chain(source.route.peer_id, e)
             return hidden, 0
-        for span, inputs in zip(spans, [hidden, *carry]):
-            span.history.append(inputs)
+        inputs = [hidden, *carry]
+        try:
+            for span, span_input, span_output in zip(spans, inputs, [*inputs[1:], output]):
+                await self._verify(span, span_input, span_output)
+        except WrongOutputError as e:  # the chain's caches may hold its wrong outputs: rebuild it from our inputs
+            self._push_ready = False
+            await self._rebuild_chain(e.peer_id, e)
+            return hidden, 0
+        for span, span_input in zip(spans, inputs):
+            span.history.append(span_input)
             self.swarm.bans.succeeded(span.route.peer_id)
         if index + 1 < len(spans):
             self._push_ready = False  # a push failed: the client drives the rest of this session
@@ -320,7 +344,7 @@ class InferenceSession:
                         outputs = await self._replay(span, inputs)
                         span.history.append(inputs)
                         inputs = outputs
-            except (PeerUnavailableError, RemoteError) as e:
+            except (PeerUnavailableError, RemoteError, WrongOutputError) as e:
                 if isinstance(e, RemoteError) and e.invalid_request:
                     raise
                 for span in opened:

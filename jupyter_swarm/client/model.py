@@ -24,6 +24,7 @@ from jupyter_swarm.client.session_cache import SessionCache
 from jupyter_swarm.client.speculation import SpeculationStats, cap_candidates
 from jupyter_swarm.client.swarm import SwarmClient
 from jupyter_swarm.client.tuning import PromptTuning, make_prompt_tuning
+from jupyter_swarm.client.verification import DEFAULT_PROBABILITY as DEFAULT_VERIFY, parse_probability
 from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
 from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.models import ClientHead, load_model_config
@@ -67,7 +68,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         allowed_servers: Sequence[str] | None = None, blocked_servers: Sequence[str] = (),
                         allowed_quant_types: Sequence[str] | None = None,
                         swarm_key: str | SwarmKey | None = None, identity: str | None = None,
-                        revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
+                        verify: float | bool = DEFAULT_VERIFY, revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False, **kwargs: Any) -> "DistributedModelForCausalLM":
         """Load the local parts of ``model`` (a directory or hub id) and connect to the swarm serving its blocks.
 
@@ -85,6 +86,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         ``swarm_key``: the key file (``jupyter-swarm keygen``) of a private swarm; default: the file named by
         ``$JUPYTER_SWARM_KEY``, else an open swarm. ``identity``: an Ed25519 key file (created if missing) that
         keeps this client's peer id stable, e.g. for servers that accept only listed peer ids (``--allow-peers``).
+        ``verify``: the probability that an inference step of a span is re-run on a second server and compared
+        (default 0.01; True: every step); a server found wrong is banned for this client's life and reported
+        (see :mod:`jupyter_swarm.client.verification`; settable later as :attr:`verify`).
         """
         extra = cls._extra_arguments(kwargs)
         if args or kwargs:
@@ -92,7 +96,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                                      "supported: initial_peers, dtype, torch_dtype, model_prefix, dht_prefix, "
                                      "compression, wait_for_coverage, request_timeout, tuning_mode, pre_seq_len, "
                                      "allowed_servers, blocked_servers, allowed_quant_types, active_adapter, "
-                                     "swarm_key, identity, revision, token, cache_dir, local_files_only"
+                                     "swarm_key, identity, verify, revision, token, cache_dir, local_files_only"
                                      + "".join(f", {name}" for name in extra))
         if model_prefix is not None and dht_prefix is not None and model_prefix != dht_prefix:
             raise ConfigurationError(f"model_prefix={model_prefix!r} and dht_prefix={dht_prefix!r} disagree: "
@@ -106,7 +110,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                             list(initial_peers), wait_for_coverage=wait_for_coverage, request_timeout=request_timeout,
                             allowed_servers=allowed_servers, blocked_servers=blocked_servers,
                             allowed_quant_types=allowed_quant_types, swarm_key=swarm_key,
-                            identity=load_or_create_identity(identity) if identity else None)
+                            identity=load_or_create_identity(identity) if identity else None,
+                            verify=parse_probability(verify))
         try:
             instance = cls(config, head, swarm, comp, tuning, **extra)
             instance.use_adapter(active_adapter)
@@ -141,6 +146,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @compression.setter
     def compression(self, value: Compression | str) -> None:
         self.remote_blocks.compression = parse_compression(value)
+
+    @property
+    def verify(self) -> float:
+        """The probability that an inference step of a span is re-run on a second server and compared (see
+        :mod:`jupyter_swarm.client.verification`). Settable: a number in [0, 1], True (every step) or False."""
+        return self.swarm.verifier.probability
+
+    @verify.setter
+    def verify(self, value: float | bool) -> None:
+        self.swarm.verifier.probability = parse_probability(value)
 
     # ---- sessions ------------------------------------------------------------------------------------
     @contextlib.contextmanager

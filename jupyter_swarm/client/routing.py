@@ -265,22 +265,28 @@ def choose_forward_chain(swarm: SwarmMap, start: int, end: int, *, banned: Colle
 
 
 class BanList:
-    """Peers that failed recently, each avoided for a back-off that doubles with every new failure."""
+    """Peers that failed recently, each avoided for a back-off that doubles with every new failure, and peers
+    distrusted for good."""
 
     def __init__(self, base_seconds: float = 15.0, max_seconds: float = 600.0):
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
+        self.distrusted: dict[str, str] = {}  # peer id -> why: banned for good (wrong outputs)
 
     def ban(self, peer_id: str) -> None:
         strikes = self._strikes.get(peer_id, 0)
         self._strikes[peer_id] = strikes + 1
         self._until[peer_id] = time.monotonic() + min(self.base_seconds * 2**strikes, self.max_seconds)
 
+    def distrust(self, peer_id: str, why: str) -> None:
+        """Ban ``peer_id`` for good (it returned wrong outputs, see client/verification.py)."""
+        self.distrusted[peer_id] = why
+
     def succeeded(self, peer_id: str) -> None:
         self._strikes.pop(peer_id, None)
 
     def banned(self) -> set[str]:
         now = time.monotonic()
-        return {p for p, until in self._until.items() if until > now}
+        return {p for p, until in self._until.items() if until > now}.union(self.distrusted)

@@ -6,13 +6,14 @@ import logging
 import random
 import time
 from collections.abc import Collection, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 from libp2p.crypto.keys import KeyPair
 
 from jupyter_swarm.client.routing import (BanList, SpanRoute, choose_chain, choose_forward_chain, explain_missing,
                                           servers_to_ping, unsuitable_servers)
+from jupyter_swarm.client.verification import DEFAULT_PROBABILITY as DEFAULT_VERIFY, OutputVerifier
 from jupyter_swarm.dht.records import ServerState
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
@@ -67,7 +68,8 @@ class SwarmClient:
                  map_max_age: float = 1.0, wait_for_coverage: float = 10.0, request_timeout: float = REQUEST_TIMEOUT,
                  ban_seconds: float = 15.0, allowed_servers: Collection[str] | None = None,
                  blocked_servers: Collection[str] = (), allowed_quant_types: Collection[str] | None = None,
-                 swarm_key: str | SwarmKey | None = None, identity: KeyPair | None = None):
+                 swarm_key: str | SwarmKey | None = None, identity: KeyPair | None = None,
+                 verify: float = DEFAULT_VERIFY):
         self.model_prefix = model_prefix
         if isinstance(allowed_servers, str) or isinstance(blocked_servers, str):
             raise ConfigurationError("allowed_servers and blocked_servers are lists of peer ids, not one string")
@@ -89,6 +91,7 @@ class SwarmClient:
         self._map_time = 0.0
         self._rpc_pool: dict[str, list[FramedStream]] = {}
         self._rpc_slots: dict[str, trio.CapacityLimiter] = {}  # RPC_MAX_IN_FLIGHT requests per server at once
+        self.verifier = OutputVerifier(self, verify)  # checks a share of inference steps on second servers
         self.node = join_swarm(initial_peers, swarm_key=swarm_key, identity=identity)
         # after a hole punch the relayed round trip no longer holds: measure the direct one before routing again
         self.node.call_sync(self.node.watch_links, lambda peer: self.pings.forget(peer))
@@ -138,8 +141,7 @@ class SwarmClient:
         fresh = False
         while True:
             swarm = await self.swarm_map(fresh=fresh, wide=fresh)
-            lists = dict(banned=self.bans.banned(), allowed=self.allowed_servers,
-                         blocked=self.blocked_servers | self.unsuitable_servers(swarm))
+            lists = self.route_lists(swarm)
             try:
                 if purpose == "forward":
                     return choose_forward_chain(swarm, start, end, rng=self._rng, **lists)
@@ -151,6 +153,11 @@ class SwarmClient:
                     raise explain_missing(e, swarm, self.allowed_quant_types) from None
             fresh = True
             await trio.sleep(0.25)
+
+    def route_lists(self, swarm: SwarmMap) -> dict[str, Any]:
+        """The banned, allowed and blocked servers routes avoid or keep to (keyword arguments of the routers)."""
+        return dict(banned=self.bans.banned(), allowed=self.allowed_servers,
+                    blocked=self.blocked_servers | self.unsuitable_servers(swarm))
 
     def unsuitable_servers(self, swarm: SwarmMap) -> set[str]:
         """Servers whose blocks this client's requests cannot use (see :func:`unsuitable_servers`)."""

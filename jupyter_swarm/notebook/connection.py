@@ -35,12 +35,13 @@ class SwarmConnection:
 
     def connect(self, model: str, peers: Sequence[str] = (), *, local: bool = False,
                 spans: Sequence[tuple[int, int]] | None = None, progress: Callable[[str], None] = print,
-                swarm_key: str | None = None) -> Any:
+                swarm_key: str | None = None, verify: float | None = None) -> Any:
         """Join a swarm (or start a local one with ``local``) and load the client's parts of ``model``.
 
         ``model`` is a directory, a hub id, or a demo name (``demo``: SmolLM2-135M-Instruct; ``tiny``: a random
         8-block model). ``swarm_key``: the key file of a private swarm (default: ``$JUPYTER_SWARM_KEY``, else an
-        open swarm); a local swarm's servers and this kernel's served blocks use it too.
+        open swarm); a local swarm's servers and this kernel's served blocks use it too. ``verify``: the share of
+        inference steps re-run on a second server (see the model's ``verify``; None: its default).
         """
         from transformers import AutoTokenizer
 
@@ -62,7 +63,9 @@ class SwarmConnection:
                                      "(or use --local to start a swarm on this machine)")
         progress("joining the swarm and loading the model's embeddings and head...")
         try:
-            self.model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=list(peers), swarm_key=key)
+            options = {} if verify is None else {"verify": verify}
+            self.model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=list(peers), swarm_key=key,
+                                                                         **options)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except BaseException:
             self.disconnect()

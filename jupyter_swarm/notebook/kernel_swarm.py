@@ -78,12 +78,12 @@ class KernelSwarm:
 
     def connect(self, model: str, peers: Sequence[str] = (), *, local: bool = False,
                 spans: Sequence[tuple[int, int]] | None = None, progress: Callable[[str], None] = print,
-                swarm_key: str | None = None) -> Any:
+                swarm_key: str | None = None, verify: float | None = None) -> Any:
         """Join a swarm (or start a local one); see :meth:`SwarmConnection.connect`. Returns the model."""
         if self.connected:
             self.disconnect()
         model_obj = self.connection.connect(model, peers, local=local, spans=spans, progress=progress,
-                                            swarm_key=swarm_key)
+                                            swarm_key=swarm_key, verify=verify)
         self.publisher.start()
         return model_obj
 

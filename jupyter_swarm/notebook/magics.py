@@ -49,6 +49,10 @@ class _Parser(argparse.ArgumentParser):
         sys.stdout.write(self.format_help())
 
 
+VERIFY_HELP = ("the probability that a step of a span is re-run on a second server and compared (default 0.01; "
+               "1: every step); a server found wrong is not used again")
+
+
 def build_parser() -> _Parser:
     parser = _Parser(prog="%swarm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -62,6 +66,7 @@ def build_parser() -> _Parser:
                          help="with --local: the spans its servers hold (default: halves plus an overlap)")
     connect.add_argument("--swarm-key", default=None, metavar="FILE",
                          help="key file of a private swarm (`jupyter-swarm keygen FILE`); default: $JUPYTER_SWARM_KEY")
+    connect.add_argument("--verify", type=float, default=None, metavar="P", help=VERIFY_HELP)
 
     sub.add_parser("status", help="block coverage of the connected model")
     sub.add_parser("peers", help="servers of the connected model")
@@ -78,6 +83,8 @@ def build_parser() -> _Parser:
                           "is a user message in the chat template, after the system prompt)")
     gen.add_argument("--system", default=None, metavar="TEXT", help="the chat's system prompt")
     gen.add_argument("--speculative", default="off", metavar="MODE", help=f"speculative decoding: {SPECULATIVE_HELP}")
+    gen.add_argument("--verify", type=float, default=None, metavar="P",
+                     help="for this generation: " + VERIFY_HELP + " (default: as connected)")
 
     serve = sub.add_parser("serve", help="serve blocks of the connected model from this kernel (background)")
     serve.add_argument("--blocks", default="auto", help="auto (fewest servers first) or START:END")
@@ -182,7 +189,7 @@ class SwarmMagics(Magics):
                                      "(or --local to start a swarm on this machine)")
         swarm = get_kernel_swarm()
         swarm.connect(args.model, args.peers, local=args.local, spans=spans,
-                        progress=lambda msg: print(msg, flush=True), swarm_key=args.swarm_key)
+                        progress=lambda msg: print(msg, flush=True), swarm_key=args.swarm_key, verify=args.verify)
         self.shell.user_ns["swarm"] = swarm
         print("connected: the model is `swarm.model` (a transformers model: swarm.model.generate(...)), "
               "its tokenizer `swarm.tokenizer`")
@@ -205,6 +212,7 @@ class SwarmMagics(Magics):
             return
         own = swarm.serving.own_peer_id()
         links = swarm.connection.links()
+        distrusted = swarm.model.swarm.bans.distrusted  # servers this client caught returning wrong outputs
         headers = ["server", "blocks", "state", "dtype", "quant type", "throughput (steps/s)", "free cache (tokens)",
                    "record expires in", "reachability", "from this kernel"]
         rows, lines = [], ["  ".join(headers)]
@@ -212,11 +220,16 @@ class SwarmMagics(Magics):
             name = r.peer_id[-12:] + (" (this kernel)" if r.peer_id == own else "")
             reach = r.reachability + (", relays for others" if r.relay else "")
             link = "-" if r.peer_id == own else (links.get(r.peer_id) or "not connected")
-            row = [name, f"{r.start}:{r.end}", r.state.value, r.dtype, r.quant_type, f"{r.throughput:.1f}",
+            state = "distrusted" if r.peer_id in distrusted else r.state.value
+            row = [name, f"{r.start}:{r.end}", state, r.dtype, r.quant_type, f"{r.throughput:.1f}",
                    r.cache_tokens_left, f"{swarm_map.ttl_left.get(r.peer_id, 0):.0f} s", reach, link]
             rows.append([html.escape(str(c)) for c in row])
             lines.append("  ".join(str(c) for c in row))
-        _show("\n".join(lines), _html_table(headers, rows))
+        for peer_id, why in distrusted.items():
+            lines.append(f"distrusted {peer_id}: {why}")
+        _show("\n".join(lines), _html_table(headers, rows) + "".join(
+            f"<div class='jupyter-swarm-distrusted'>distrusted <code>{html.escape(p)}</code>: {html.escape(why)}</div>"
+            for p, why in distrusted.items()))
 
     def _route(self, args: argparse.Namespace, cell: str | None) -> None:
         swarm = get_kernel_swarm()
@@ -234,10 +247,24 @@ class SwarmMagics(Magics):
         if args.max_new_tokens < 1 or args.num_beams < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ConfigurationError("need --max-new-tokens >= 1, --num-beams >= 1, --temperature >= 0, "
                                      "0 < --top-p <= 1")
-        from jupyter_swarm.client.chat import has_chat_template
-
         swarm = get_kernel_swarm()
         swarm.connection.require_model()
+        model = swarm.model
+        verify, distrusted = model.verify, set(model.swarm.bans.distrusted)
+        if args.verify is not None:
+            model.verify = args.verify  # checked: a ConfigurationError says what is wrong
+        try:
+            self._stream_generation(swarm, prompt, args)
+        finally:
+            model.verify = verify
+            for peer_id, why in model.swarm.bans.distrusted.items():
+                if peer_id not in distrusted:
+                    print(f"\n%swarm generate: server {peer_id} returned wrong outputs and is not used again: {why}",
+                          file=sys.stderr)
+
+    def _stream_generation(self, swarm: Any, prompt: str, args: argparse.Namespace) -> None:
+        from jupyter_swarm.client.chat import has_chat_template
+
         chat = not args.raw and has_chat_template(swarm.tokenizer)
         print(f"{prompt}\n\n" if chat else prompt, end="", flush=True)  # a chat answers; a plain prompt continues
         stream = swarm.generate_stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

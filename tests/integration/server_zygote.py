@@ -8,6 +8,9 @@ The children are real server processes: they die by SIGKILL like any other, and 
 zygote goes away (``--stop-with-parent``).
 
 Protocol (lines of JSON on the zygote's stdin/stdout): ``{"argv": [...], "log": PATH}`` -> ``{"pid": N}``.
+With ``"corrupt_every": N`` the child is a lying server: every N-th output it computes (inference steps and
+forward requests alike) is replaced by noise of the same scale (its cache stays right), for the tests of verified
+outputs (client/verification.py).
 """
 
 from __future__ import annotations
@@ -87,18 +90,23 @@ class Zygote:
         self.children: list[ForkedServer] = []
         self.global_options: list[str] = []  # before the subcommand, e.g. ["-v"] to debug the servers
 
-    def fork_server(self, model: str, start: int, end: int, args: Sequence[str]) -> ForkedServer:
-        """Start `jupyter-swarm serve MODEL --blocks START:END ARGS...` (returns at once; see wait_ready)."""
-        return self.fork(["serve", model, "--blocks", f"{start}:{end}", "--stop-with-parent", *args], start, end)
+    def fork_server(self, model: str, start: int, end: int, args: Sequence[str], *,
+                    corrupt_every: int | None = None) -> ForkedServer:
+        """Start `jupyter-swarm serve MODEL --blocks START:END ARGS...` (returns at once; see wait_ready);
+        ``corrupt_every``: a lying server (see the module docstring)."""
+        return self.fork(["serve", model, "--blocks", f"{start}:{end}", "--stop-with-parent", *args], start, end,
+                         corrupt_every=corrupt_every)
 
-    def fork(self, argv: Sequence[str], start: int = 0, end: int = 0) -> ForkedServer:
+    def fork(self, argv: Sequence[str], start: int = 0, end: int = 0, *,
+             corrupt_every: int | None = None) -> ForkedServer:
         """Start `jupyter-swarm ARGV...` (a `serve` or a `bootstrap` command)."""
         with self._lock:
             self._count += 1
             log = self.workdir / f"{argv[0]}-{self._count}-{start}-{end}.log"
             argv = [*self.global_options, *argv]
+            request = {"argv": argv, "log": str(log), "corrupt_every": corrupt_every}
             assert self.process.stdin is not None and self.process.stdout is not None
-            self.process.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
+            self.process.stdin.write(json.dumps(request) + "\n")
             reply = self.process.stdout.readline()
         if not reply:
             raise SwarmError("the server zygote died")
@@ -132,6 +140,29 @@ def _reap(*_: object) -> None:
         pass
 
 
+def _corrupt_outputs(every: int) -> None:
+    """Make this server process return noise instead of every ``every``-th output it computes."""
+    import torch
+
+    from jupyter_swarm.runtime.service import SpanService
+
+    computed = 0
+
+    def lying(compute):  # noqa: ANN001, ANN202 - a test double around SpanService's static compute functions
+        def run(*args):  # noqa: ANN002, ANN202
+            nonlocal computed
+            out = compute(*args)
+            computed += 1
+            if computed % every == 0:
+                print(f"corrupting output {computed}", flush=True)
+                return torch.randn_like(out) * out.std() + out.mean()
+            return out
+        return staticmethod(run)
+
+    SpanService._inference_step = lying(SpanService._inference_step)
+    SpanService._forward = lying(SpanService._forward)
+
+
 def _serve_forever() -> None:
     # Everything a server imports, imported once here (no threads, loops or torch pools start on import).
     import jupyter_swarm.cli as cli
@@ -153,6 +184,8 @@ def _serve_forever() -> None:
             os.dup2(out, 2)
             code = 1
             try:
+                if request.get("corrupt_every"):
+                    _corrupt_outputs(int(request["corrupt_every"]))
                 code = cli.main(request["argv"])
             finally:
                 sys.stdout.flush()

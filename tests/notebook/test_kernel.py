@@ -110,6 +110,14 @@ def test_generate_streams_tokens(kernel: Kernel) -> None:
     assert "5 tokens in" in kernel.stdout(out) and not errors(out)
     out = kernel.run("%%swarm generate --max-new-tokens 6 --temperature 0.9 --top-p 0.8\nHello there")
     assert "6 tokens in" in kernel.stdout(out) and not errors(out)
+    # --verify 1: every step of blocks 4:8 (two servers hold them) is re-run on the other one, for this call only
+    checked = int(kernel.value("swarm.model.swarm.verifier.stats.checked"))
+    out = kernel.run('%swarm generate "Once upon a time" --max-new-tokens 4 --verify 1')
+    assert "4 tokens in" in kernel.stdout(out) and not errors(out) and "wrong outputs" not in kernel.stderr(out)
+    assert int(kernel.value("swarm.model.swarm.verifier.stats.checked")) >= checked + 4
+    assert float(kernel.value("swarm.model.verify")) == 0.01
+    out = kernel.run('%swarm generate "Once upon a time" --verify 2')
+    assert "verify must be a probability between 0 and 1" in kernel.stderr(out) and not errors(out)
 
 
 def test_speculative_generation_from_the_magic_and_the_widget(kernel: Kernel) -> None:
