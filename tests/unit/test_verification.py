@@ -60,10 +60,9 @@ def check(swarm: FakeSwarm, primary_output: torch.Tensor, warned: list[str] | No
         try:
             trio.run(verifier.check, SpanRoute("primary", 1, 3), torch.zeros(1, 5, 8), primary_output[:, -1:],
                      Compression.NONE)
-        finally:
-            assert all(issubclass(w.category, UntrustedServerWarning) for w in caught)
+        finally:  # (other warnings, e.g. a library's deprecation on first use, are not the verifier's)
             if warned is not None:
-                warned.extend(str(w.message) for w in caught)
+                warned.extend(str(w.message) for w in caught if issubclass(w.category, UntrustedServerWarning))
     return verifier
 
 
