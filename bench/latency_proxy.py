@@ -22,10 +22,13 @@ def free_port() -> int:
 
 
 class DelayProxy:
-    """Forwards 127.0.0.1:listen_port <-> 127.0.0.1:target_port, delaying each chunk by ``delay`` seconds."""
+    """Forwards listen_host:listen_port <-> target_host:target_port (both 127.0.0.1 by default), delaying each chunk
+    by ``delay`` seconds."""
 
-    def __init__(self, listen_port: int, target_port: int, delay: float):
+    def __init__(self, listen_port: int, target_port: int, delay: float, *, listen_host: str = "127.0.0.1",
+                 target_host: str = "127.0.0.1"):
         self.listen_port, self.target_port, self.delay = listen_port, target_port, delay
+        self.listen_host, self.target_host = listen_host, target_host
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._ready = threading.Event()
@@ -44,13 +47,13 @@ class DelayProxy:
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.listen_port))
+            asyncio.start_server(self._handle, self.listen_host, self.listen_port))
         self._ready.set()
         self._loop.run_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.close()
             return

@@ -5,7 +5,7 @@
 Commands:
     {"cmd": "connect", "model": PATH, "peers": [MADDR, ...]}
     {"cmd": "generate", "prompt": [[ids]], "max_new_tokens": N, "push": true, "max_length": 64,
-     "allowed": [peer, ...] | null, "widen": {"after": N, "allowed": [peer, ...]} | null}
+     "allowed": [peer, ...] | null, "min_new_tokens": N | null, "widen": {"after": N, "allowed": [peer, ...]} | null}
         (``widen``: after N new tokens the client may use these servers too, e.g. a spare kept out until the
         test kills a server)
         -> {"tokens": [[...]], "token_times": [s, ...], "failovers": n, "routes": [[peer, start, end], ...],
@@ -17,6 +17,8 @@ Commands:
     {"cmd": "pings"}                      -> {"pings": {peer: seconds}}: the round trips routing uses (asks for a
                                              route first, which refreshes stale ones in the background)
     {"cmd": "dial", "peer": peer, "timeout": s} -> {"seconds": s, "error": null | "<type>: <message>"}
+    {"cmd": "first_use", "peer": peer, "allowed": [...], "timeout": s}
+        -> {"at": unix time}: retries a one-token generation (allowed servers only) until one went through ``peer``
     {"cmd": "quit"}
 Errors come back as {"error": "<type>: <message>"}.
 """
@@ -96,8 +98,9 @@ def main() -> None:
                 prompt = torch.tensor(request["prompt"])
                 with model.inference_session(max_length=request.get("max_length", 64)) as session:
                     began = time.perf_counter()
+                    extra = {"min_new_tokens": request["min_new_tokens"]} if request.get("min_new_tokens") else {}
                     out = model.generate(prompt, max_new_tokens=request["max_new_tokens"], do_sample=False,
-                                         streamer=clock)
+                                         streamer=clock, **extra)
                     routes = [[r.peer_id, r.start, r.end] for r in session.routes]
                     failovers = session.failovers
                 node = model.swarm.node
@@ -127,6 +130,22 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - a missing block does not stop the pings
                     pass
                 _say({"pings": swarm_client.node.call_sync(swarm_client.pings.to_dict)})
+            elif cmd == "first_use":
+                assert model is not None, "connect first"
+                model.swarm.allowed_servers = frozenset(request["allowed"])
+                model.swarm.wait_for_coverage = 0.5
+                deadline = time.monotonic() + float(request.get("timeout", 300))
+                while True:
+                    try:
+                        with model.inference_session(max_length=16) as session:
+                            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
+                            used = any(r.peer_id == request["peer"] for r in session.routes)
+                    except Exception:  # noqa: BLE001 - not there yet: its blocks are missing, or it is unreachable
+                        used = False
+                    if used or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+                _say({"at": time.time(), "used": used})
             elif cmd == "dial":
                 assert model is not None, "connect first"
                 node = model.swarm.node
