@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--relay-delay", type=float, default=0.0, help="one-way seconds added in front of the relay")
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "models"))
+    parser.add_argument("--skip-latency", action="store_true", help="measure only the time to first use")
+    parser.add_argument("--skip-first-use", action="store_true", help="measure only per-token latency")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     reason = unavailable_reason()
@@ -146,49 +148,52 @@ def main() -> None:
                                 allowed=allowed, min_new_tokens=args.new_tokens, max_length=len(PROMPT[0]) + args.new_tokens + 8)
             return decode_seconds_per_token(answer["token_times"]), answer["tokens"], answer["links"]
 
-        # warm up every path; wait for the home servers' relayed connections to be hole-punched
-        for name in servers:
-            remote_once(name)
-        loopback_once()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            links = client.ask(cmd="links")["links"]
-            if all(links.get(s.peer_id) == "hole-punched" for s in servers["punched"]):
-                break
-            time.sleep(1)
-        per_token: dict[str, list[float]] = {name: [] for name in ["loopback", *servers]}
-        seen_links: dict[str, dict] = {}
-        reference = None
-        order = ["loopback", *servers]
-        for rep in range(args.reps):
-            for name in order[rep % len(order):] + order[:rep % len(order)]:
-                if name == "loopback":
-                    seconds, tokens = loopback_once()
-                else:
-                    seconds, tokens, seen_links[name] = remote_once(name)
-                reference = reference or tokens
-                assert tokens == reference, f"{name}: tokens differ from the other paths"
-                per_token[name].append(seconds)
-        base = statistics.median(per_token["loopback"])
-        results["per_token_ms"] = {k: round(1000 * statistics.median(v), 3) for k, v in per_token.items()}
-        results["ratio_vs_loopback"] = {k: round(statistics.median(v) / base, 3) for k, v in per_token.items()}
-        results["links"] = {name: sorted(set(v.values())) for name, v in seen_links.items()}
-        print(json.dumps(results, indent=1), flush=True)
+        if not args.skip_latency:
+            # warm up every path; wait for the home servers' relayed connections to be hole-punched
+            for name in servers:
+                remote_once(name)
+            loopback_once()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                links = client.ask(cmd="links")["links"]
+                if all(links.get(s.peer_id) == "hole-punched" for s in servers["punched"]):
+                    break
+                time.sleep(1)
+            per_token: dict[str, list[float]] = {name: [] for name in ["loopback", *servers]}
+            seen_links: dict[str, dict] = {}
+            reference = None
+            order = ["loopback", *servers]
+            for rep in range(args.reps):
+                for name in order[rep % len(order):] + order[:rep % len(order)]:
+                    if name == "loopback":
+                        seconds, tokens = loopback_once()
+                    else:
+                        seconds, tokens, seen_links[name] = remote_once(name)
+                    reference = reference or tokens
+                    assert tokens == reference, f"{name}: tokens differ from the other paths"
+                    per_token[name].append(seconds)
+            base = statistics.median(per_token["loopback"])
+            results["per_token_ms"] = {k: round(1000 * statistics.median(v), 3) for k, v in per_token.items()}
+            results["ratio_vs_loopback"] = {k: round(statistics.median(v) / base, 3) for k, v in per_token.items()}
+            results["links"] = {name: sorted(set(v.values())) for name, v in seen_links.items()}
+            print(json.dumps(results, indent=1), flush=True)
 
-        # ---- time from `serve` at home to its first use elsewhere -------------------------------------------
-        key = os.path.join(tempfile.mkdtemp(prefix="bench-nat-"), "home1.key")
-        peer = str(ID.from_pubkey(load_or_create_identity(key).public_key))
-        began = time.time()
-        newcomer = ServerProcess(path, 0, 4, initial_peers=peers, extra_args=[*SERVER_ARGS, "--identity", key],
-                                 launcher=topo.command(h1.host, []))
-        procs.append(newcomer)
-        ready_at: list[float] = []
-        threading.Thread(target=lambda: (newcomer.wait_ready(300), ready_at.append(time.time())), daemon=True).start()
-        used = client.ask(cmd="first_use", peer=peer, allowed=[peer, servers["punched"][1].peer_id], timeout=300)
-        results["first_use_s"] = {"from_start": round(used["at"] - began, 2),
-                                  "from_ready": round(used["at"] - ready_at[0], 2) if ready_at else None,
-                                  "used": used["used"]}
-        print(json.dumps({"first_use_s": results["first_use_s"]}, indent=1), flush=True)
+        if not args.skip_first_use:
+            # ---- time from `serve` at home to its first use elsewhere -------------------------------------------
+            key = os.path.join(tempfile.mkdtemp(prefix="bench-nat-"), "home1.key")
+            peer = str(ID.from_pubkey(load_or_create_identity(key).public_key))
+            began = time.time()
+            newcomer = ServerProcess(path, 0, 4, initial_peers=peers, extra_args=[*SERVER_ARGS, "--identity", key],
+                                     launcher=topo.command(h1.host, []))
+            procs.append(newcomer)
+            ready_at: list[float] = []
+            threading.Thread(target=lambda: (newcomer.wait_ready(300), ready_at.append(time.time())), daemon=True).start()
+            used = client.ask(cmd="first_use", peer=peer, allowed=[peer, servers["punched"][1].peer_id], timeout=180,
+                              prompt=PROMPT)
+            results["first_use_s"] = {"from_start": round(used["at"] - began, 2),
+                                      "from_ready": round(used["at"] - ready_at[0], 2) if ready_at else None,
+                                      **{k: used.get(k) for k in ("used", "attempts", "last_error", "last_route")}}
+            print(json.dumps({"first_use_s": results["first_use_s"]}, indent=1), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))

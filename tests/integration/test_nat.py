@@ -28,7 +28,7 @@ from tests.support.netns import Topology, unavailable_reason
 from tests.support.notebook_runner import NotebookRunner
 
 REASON = unavailable_reason()
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=f"NAT tests: {REASON}")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"NAT tests: {REASON}")]
 
 PROMPT = [[1, 17, 42, 99, 7, 230, 11]]
 NEW_TOKENS = 24
@@ -212,6 +212,15 @@ def test_a_notebook_kernel_at_home_serves_blocks_that_a_client_elsewhere_uses(na
         assert "relayed" in own_row  # behind NAT, reachable through the bootstrap's relay
         s4_row = next(line for line in peers.splitlines() if nat.s4.peer_id[-12:] in line)
         assert "relayed" in s4_row
+        # the swarm map's routing graph labels each server with how it is reached
+        graph = kernel.run("from jupyter_swarm.notebook import SwarmMapWidget\nimport json, time\nm = SwarmMapWidget()\n"
+                           "while m.refreshes < 1: time.sleep(0.1)\nprint(json.dumps(list(m.graph_fig.data[2].text)))\n"
+                           "m.close()")
+        assert graph["error"] is None, graph
+        labels = json.loads(graph["text"])
+        _report("swarm map labels in the home-1 kernel", labels)
+        assert next(label for label in labels if label.startswith(nat.s4.peer_id[-6:])).endswith(" relayed"), labels
+        assert next(label for label in labels if label.startswith(peer[-6:])).endswith("(you)"), labels
     finally:
         kernel.close()
 

@@ -17,8 +17,9 @@ Commands:
     {"cmd": "pings"}                      -> {"pings": {peer: seconds}}: the round trips routing uses (asks for a
                                              route first, which refreshes stale ones in the background)
     {"cmd": "dial", "peer": peer, "timeout": s} -> {"seconds": s, "error": null | "<type>: <message>"}
-    {"cmd": "first_use", "peer": peer, "allowed": [...], "timeout": s}
-        -> {"at": unix time}: retries a one-token generation (allowed servers only) until one went through ``peer``
+    {"cmd": "first_use", "peer": peer, "allowed": [...], "timeout": s, "prompt": [[ids]]}
+        -> {"at": unix time, "used": bool, "attempts": n, "last_error": str | null, "last_route": [peer, ...]}:
+           retries a one-token generation (allowed servers only) until one went through ``peer``
     {"cmd": "quit"}
 Errors come back as {"error": "<type>: <message>"}.
 """
@@ -135,17 +136,22 @@ def main() -> None:
                 model.swarm.allowed_servers = frozenset(request["allowed"])
                 model.swarm.wait_for_coverage = 0.5
                 deadline = time.monotonic() + float(request.get("timeout", 300))
+                attempts, last_error, last_route = 0, None, None
                 while True:
+                    attempts += 1
                     try:
                         with model.inference_session(max_length=16) as session:
-                            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
-                            used = any(r.peer_id == request["peer"] for r in session.routes)
-                    except Exception:  # noqa: BLE001 - not there yet: its blocks are missing, or it is unreachable
-                        used = False
+                            model.generate(torch.tensor(request.get("prompt", [[1, 17, 42]])), max_new_tokens=1,
+                                           do_sample=False)
+                            last_route = [r.peer_id for r in session.routes]
+                            used = request["peer"] in last_route
+                    except Exception as e:  # noqa: BLE001 - not there yet: its blocks are missing, or it is unreachable
+                        used, last_error = False, f"{type(e).__name__}: {e}"[:500]
                     if used or time.monotonic() > deadline:
                         break
                     time.sleep(0.1)
-                _say({"at": time.time(), "used": used})
+                _say({"at": time.time(), "used": used, "attempts": attempts, "last_error": last_error,
+                      "last_route": last_route})
             elif cmd == "dial":
                 assert model is not None, "connect first"
                 node = model.swarm.node
