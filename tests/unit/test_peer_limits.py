@@ -14,6 +14,7 @@ from jupyter_swarm.client.inference import BUSY_BACKOFF, InferenceSession
 from jupyter_swarm.errors import ConfigurationError, RemoteError, ServerBusyError, SessionEvictedError
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, SessionTooLargeError
+from jupyter_swarm.runtime.fair_compute import FairCompute
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import SessionTable
 
@@ -150,3 +151,38 @@ def test_a_client_replays_after_an_eviction_or_a_busy_server_without_banning_it(
     assert banned == ["broken"]  # only the server that failed; the others were short of memory
     assert waited == pytest.approx(2 * BUSY_BACKOFF)  # backs off (more with each failover) before replaying
     assert session.failovers == 3
+
+
+def test_the_compute_slot_goes_to_the_waiting_peer_that_used_least_recently():
+    compute = FairCompute(half_life=10.0)
+    order: list[str] = []
+
+    async def call(peer: str, seconds: float) -> None:
+        async with compute.turn(peer):
+            order.append(peer)
+            await trio.sleep(seconds)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "greedy", 1.0)  # takes the free slot
+            await trio.sleep(0.1)
+            for _ in range(3):
+                nursery.start_soon(call, "greedy", 1.0)  # queue first ...
+            await trio.sleep(0.1)
+            nursery.start_soon(call, "honest", 0.01)  # ... but the one that used nothing goes next
+            await trio.sleep(0.1)
+            cancelled = trio.CancelScope()
+
+            async def gives_up() -> None:
+                with cancelled:
+                    await call("quitter", 0.01)
+
+            nursery.start_soon(gives_up)
+            await trio.sleep(0.1)
+            cancelled.cancel()  # a waiter that gives up leaves the queue and blocks no one
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert order == ["greedy", "honest", "greedy", "greedy", "greedy"]
+    assert compute.usage("greedy") > 0 and compute.usage("honest") > 0  # each call charged to its peer
+    assert compute.try_acquire()  # free again once everyone is done
+    compute.release()
