@@ -2,9 +2,12 @@
 
 Model calls take turns (one at a time, so sessions never share a cache). First come, first served lets a crowd of
 peers that each stay within their limits push an honest client's one-token steps behind their prefills: with 50
-such peers, its time per token was 12-14x (bench/bench_flood.py). Here, when the slot frees, the waiting peer that
-used the least compute recently goes next (its compute seconds, decayed with a half-life), so a peer that asks
-rarely waits for at most the one call already running, however many others queue.
+such peers, its time per token was 12-14x unloaded (bench/bench_flood.py). Here, when the slot frees, the smallest
+waiting call goes next (fewest tokens: a decode step before a prefill, as Petals puts inference steps first), and
+among equally small ones the peer that used the least compute recently (its compute seconds, decayed with a
+half-life), then the first come. So a decode step waits for at most the one call already running, however many
+prefills queue, and peers sending steps of one size share the slot fairly. The price: a large call (a long
+prefill, a training batch) waits while smaller ones keep arriving; its client's step timeout bounds that.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ MAX_TRACKED_PEERS = 4096  # usage kept for this many peers; the least used are f
 @dataclass(eq=False)
 class _Waiter:
     peer: str
+    tokens: int
     order: int
     granted: trio.Event = field(default_factory=trio.Event)
 
 
 class FairCompute:
-    """One compute slot; waiting peers are served least recent compute first (ties: first come)."""
+    """One compute slot; waiting calls are served smallest first, then least recent compute, then first come."""
 
     def __init__(self, half_life: float = 10.0):
         self.half_life = half_life
@@ -50,12 +54,12 @@ class FairCompute:
         self._busy = True
         return True
 
-    async def acquire(self, peer: str) -> None:
-        """Wait for the slot (then :meth:`release` it)."""
+    async def acquire(self, peer: str, tokens: int = 1) -> None:
+        """Wait for the slot for a call of ``tokens`` tokens (then :meth:`release` it)."""
         if self.try_acquire():
             return
         self._order += 1
-        waiter = _Waiter(peer, self._order)
+        waiter = _Waiter(peer, tokens, self._order)
         self._waiters.append(waiter)
         try:
             await waiter.granted.wait()
@@ -67,13 +71,13 @@ class FairCompute:
             raise
 
     def release(self) -> None:
-        """Hand the slot to the waiting peer with the least recent compute, or free it."""
+        """Hand the slot to the next waiting call (smallest, then least recent compute, then first), or free it."""
         if not self._waiters:
             self._busy = False
             return
         now = time.monotonic()
         usage = {w.peer: self.usage(w.peer, now) for w in self._waiters}
-        chosen = min(self._waiters, key=lambda w: (usage[w.peer], w.order))
+        chosen = min(self._waiters, key=lambda w: (w.tokens, usage[w.peer], w.order))
         self._waiters.remove(chosen)
         chosen.granted.set()  # the slot stays busy: it is the chosen waiter's now
 
@@ -85,9 +89,9 @@ class FairCompute:
             del self._usage[min(self._usage, key=lambda p: self.usage(p, now))]
 
     @asynccontextmanager
-    async def turn(self, peer: str) -> AsyncIterator[None]:
-        """Hold the slot for one call of ``peer``, charged to it."""
-        await self.acquire(peer)
+    async def turn(self, peer: str, tokens: int = 1) -> AsyncIterator[None]:
+        """Hold the slot for one call of ``peer`` over ``tokens`` tokens, charged to it."""
+        await self.acquire(peer, tokens)
         started = time.perf_counter()
         try:
             yield

@@ -115,9 +115,9 @@ class SpanService:
         per_token = max(1, self.span.cache_bytes(1, 1))
         return max(0, self.budget.free_bytes // per_token)
 
-    async def _run(self, peer: str, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on a compute thread, in ``peer``'s turn of the compute slot."""
-        async with self._compute.turn(peer):
+    async def _run(self, peer: str, tokens: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` over ``tokens`` tokens on a compute thread, in ``peer``'s turn of the compute slot."""
+        async with self._compute.turn(peer, tokens):
             return await trio.to_thread.run_sync(fn, *args)
 
     async def _run_step(self, peer: str, tokens: int, fn: Any, *args: Any) -> Any:
@@ -126,7 +126,7 @@ class SpanService:
         per_token = self._step_seconds_per_token
         if per_token is not None and tokens * per_token <= INLINE_STEP_SECONDS:
             if not self._compute.try_acquire():  # no scheduler round trip when the compute slot is free (usual)
-                await self._compute.acquire(peer)
+                await self._compute.acquire(peer, tokens)
             started = time.perf_counter()
             try:
                 result = fn(*args)
@@ -135,7 +135,7 @@ class SpanService:
                 self._compute.release()
         else:
             started = time.perf_counter()
-            result = await self._run(peer, fn, *args)
+            result = await self._run(peer, tokens, fn, *args)
         seconds = (time.perf_counter() - started) / tokens
         self._step_seconds_per_token = seconds if per_token is None else 0.8 * per_token + 0.2 * seconds
         return result
@@ -180,15 +180,16 @@ class SpanService:
                               self.span.quant_type.value, self.cache_tokens_left()).encode()
         span = self.view(request.start, request.end, request.active_adapter)
         hidden = request.hidden.decode("hidden states", finite=True)
+        tokens = hidden.shape[0] * hidden.shape[1]  # the call's size, for its place in the compute queue
         prompts = _decoded(request.prompts, "prompts")
         compression = request.compression
         if not isinstance(request, Backward):
             self.stats.forward_requests += 1
-            out = await self._run(peer, self._forward, span, hidden, prompts)
+            out = await self._run(peer, tokens, self._forward, span, hidden, prompts)
             return ForwardResult(WireTensor.encode(out, compression)).encode()
         grad_output = _decoded(request.grad_output, "grad_output")
         self.stats.backward_requests += 1
-        grad_hidden, grad_prompts = await self._run(peer, self._backward, span, hidden, grad_output, prompts)
+        grad_hidden, grad_prompts = await self._run(peer, tokens, self._backward, span, hidden, grad_output, prompts)
         return BackwardResult(WireTensor.encode(grad_hidden, compression),
                               None if grad_prompts is None else WireTensor.encode(grad_prompts, compression)).encode()
 
