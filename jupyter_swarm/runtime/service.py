@@ -124,17 +124,17 @@ class SpanService:
         """``fn(*args)`` for an inference step of ``tokens`` (batch x new tokens) in ``peer``'s turn: inline on the
         trio thread when it is predicted to take under INLINE_STEP_SECONDS, otherwise on the compute thread."""
         per_token = self._step_seconds_per_token
+        started = time.perf_counter()
         if per_token is not None and tokens * per_token <= INLINE_STEP_SECONDS:
             if not self._compute.try_acquire():  # no scheduler round trip when the compute slot is free (usual)
                 await self._compute.acquire(peer, tokens)
-            started = time.perf_counter()
+            computing = time.perf_counter()
             try:
                 result = fn(*args)
             finally:
-                self._compute.charge(peer, time.perf_counter() - started)
+                self._compute.charge(peer, time.perf_counter() - computing)
                 self._compute.release()
         else:
-            started = time.perf_counter()
             result = await self._run(peer, tokens, fn, *args)
         seconds = (time.perf_counter() - started) / tokens
         self._step_seconds_per_token = seconds if per_token is None else 0.8 * per_token + 0.2 * seconds
