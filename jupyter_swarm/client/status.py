@@ -35,10 +35,12 @@ def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = N
         store = RecordStore(node, serve=False)
 
         async def read() -> dict[str, SwarmMap]:
-            models = await read_models(store)
+            # a one-off reader knows few peers yet: read wide, so that no server's record is missed
+            models = await read_models(store, wide=True)
             if model_prefix is not None:
                 models = {k: v for k, v in models.items() if k == model_prefix}
-            maps = {prefix: await read_swarm(store, prefix, num_blocks) for prefix, num_blocks in sorted(models.items())}
+            maps = {prefix: await read_swarm(store, prefix, num_blocks, wide=True)
+                    for prefix, num_blocks in sorted(models.items())}
             if links is not None:
                 links.update(await _probe(node, [r for m in maps.values() for r in m.servers.values()]))
             return maps

@@ -14,7 +14,6 @@ from libp2p.crypto.keys import KeyPair
 from jupyter_swarm.client.routing import (BanList, SpanRoute, choose_chain, choose_forward_chain, explain_missing,
                                           servers_to_ping, unsuitable_servers)
 from jupyter_swarm.client.verification import DEFAULT_PROBABILITY as DEFAULT_VERIFY, OutputVerifier
-from jupyter_swarm.dht.records import ServerState
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, read_swarm
 from jupyter_swarm.errors import ConfigurationError, MissingBlocksError, PeerUnavailableError
@@ -119,9 +118,6 @@ class SwarmClient:
     async def _read_map(self, *, wide: bool = False) -> None:
         try:
             swarm = await read_swarm(self.store, self.model_prefix, self.num_blocks, wide=wide)
-            for record in swarm.servers.values():
-                self.node.remember_addrs(record.peer_id, record.addrs)
-            self.store.learn(s.peer_id for s in swarm.servers.values() if s.state != ServerState.OFFLINE)
             self._map, self._map_time = swarm, time.monotonic()
         finally:
             self._map_refreshing = False

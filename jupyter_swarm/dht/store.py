@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -42,7 +42,8 @@ REPLICAS = 5
 STORE_BATCH_BYTES = RECORDS_MAX_REQUEST_BYTES // 2  # values per store request, leaving room for keys and framing
 WIDE_REPLICAS = 3 * REPLICAS
 REQUEST_TIMEOUT = 5.0
-FAILED_PEER_SECONDS = 30.0
+FAILED_PEER_SECONDS = 30.0  # a replica that failed is set aside this long, doubling with each failure in a row
+LOOKUP_ROUNDS = 3
 ANNOUNCER_MEMORY = 600.0  # seconds a server seen in the records stays a replica candidate
 MAX_ANNOUNCERS = 1024
 
@@ -56,15 +57,17 @@ class RecordStore:
 
     def __init__(self, node: P2PNode, *, serve: bool = True):
         self.node = node
+        self.serving = serve  # a peer that does not serve records holds no one else's: it is never a replica
         self.local = LocalRecords()
         self._answered: set[str] = set()
-        self._failing: dict[str, float] = {}
+        self._failing: dict[str, float] = {}  # peer -> until when it is set aside
+        self._strikes: dict[str, int] = {}  # peer -> failures in a row
         self._announcers: dict[str, float] = {}  # peers whose records we read -> when (they hold records too)
         if serve:
             node.set_handler(PROTOCOL, self._handle, RECORDS_STREAMS)
 
     # ---- which peers hold a key ---------------------------------------------------------------
-    def _candidates(self) -> set[str]:
+    def candidates(self) -> set[str]:
         """Peers believed to hold records: they speak this protocol (per identify, or they answered us).
 
         Clients sit in routing tables too but store nothing, and peers that just failed us are skipped,
@@ -97,12 +100,23 @@ class RecordStore:
             return False
 
     def _peer_failed(self, peer_id: str) -> None:
+        """Set a replica that failed aside, longer each time in a row: under churn, dead servers (from records
+        not yet expired, or introduced by others) must not keep crowding the live ones out of the replica sets."""
+        now = time.monotonic()
         self._answered.discard(peer_id)
-        self._failing[peer_id] = time.monotonic() + FAILED_PEER_SECONDS
+        self._announcers.pop(peer_id, None)
+        strikes = self._strikes.get(peer_id, 0) + 1
+        self._strikes[peer_id] = strikes
+        self._failing[peer_id] = now + min(FAILED_PEER_SECONDS * 2 ** (strikes - 1), ANNOUNCER_MEMORY)
+        if len(self._failing) > 2 * MAX_ANNOUNCERS:
+            for peer in [p for p, until in self._failing.items() if until <= now]:
+                del self._failing[peer]
+                self._strikes.pop(peer, None)
 
-    def replicas_for(self, key: str, *, include_self: bool, count: int = REPLICAS) -> list[str]:
-        """The ``count`` peers closest to ``key`` that this peer knows of."""
-        peers = self._candidates()
+    def replicas_for(self, key: str, *, include_self: bool, count: int = REPLICAS,
+                     candidates: set[str] | None = None) -> list[str]:
+        """The ``count`` peers closest to ``key`` that this peer knows of (or among ``candidates``)."""
+        peers = set(self.candidates() if candidates is None else candidates)
         if include_self:
             peers.add(self.node.peer_id)
         else:
@@ -119,25 +133,23 @@ class RecordStore:
         """Store several keys at once, batching the requests per replica; returns the fewest replicas any key got.
 
         Keys that share a value share one signed record (a server's record under each of its blocks)."""
-        stored: dict[str, int] = {key: 0 for key in values}
         values = self._sign(values, ttl)
 
-        async def store_at(peer: str, keys: list[str]) -> None:
+        async def store_at(peer: str, keys: list[str]) -> bool:
             batch = {key: values[key] for key in keys}
             if peer == self.node.peer_id:
                 try:
                     self._accept(batch, peer, ttl)
                 except ProtocolError as e:
                     logger.debug("could not store records here: %r", e)
-                    return
-            elif not all([await self._ask(peer, Store(part, ttl), Stored) for part in _store_batches(batch)]):
-                return
-            for key in batch:
-                stored[key] += 1
+                    return False
+                return True
+            for part in _store_batches(batch):
+                if await self._ask(peer, Store(part, ttl), Stored) is None:
+                    return False
+            return True
 
-        async with trio.open_nursery() as nursery:
-            for peer, keys in self._group_by_replica(values).items():
-                nursery.start_soon(store_at, peer, keys)
+        stored = await self._lookup(values, REPLICAS, store_at)
         return min(stored.values(), default=0)
 
     async def get_many(self, keys: list[str], *, wide: bool = False) -> dict[str, dict[str, tuple[bytes, float]]]:
@@ -146,7 +158,7 @@ class RecordStore:
         Only records whose signature, keys and expiry verify are kept; per sub-key the latest issued one wins.
         ``wide``: ask ``WIDE_REPLICAS`` peers per key instead of ``REPLICAS``: when peers come and go faster than
         records are refreshed, the writer's and the reader's closest peers differ, and a wider read finds what
-        a narrow one misses."""
+        a narrow one misses. Replicas that fail are replaced by the next closest (see :meth:`_lookup`)."""
         verified: dict[str, dict[str, SignedRecord]] = {key: {} for key in keys}
         checked: dict[tuple[bytes, str], SignedRecord | None] = {}  # one record often sits under many keys
 
@@ -156,25 +168,53 @@ class RecordStore:
                 if record is not None and (subkey not in verified[key] or verified[key][subkey].issued < record.issued):
                     verified[key][subkey] = record
 
-        async def get_from(peer: str, peer_keys: list[str]) -> None:
+        async def get_from(peer: str, peer_keys: list[str]) -> bool:
             if peer == self.node.peer_id:
                 for key in peer_keys:
                     merge(key, self.local.get(key))
-                return
+                return True
             for start in range(0, len(peer_keys), MAX_KEYS_PER_GET):
                 part = peer_keys[start:start + MAX_KEYS_PER_GET]
                 found = await self._ask(peer, Get(part), Found, keys=part)
                 if found is None:
-                    return
+                    return False
                 for key, entries in found.records.items():
                     merge(key, entries)
+            return True
 
-        async with trio.open_nursery() as nursery:
-            for peer, peer_keys in self._group_by_replica(keys, WIDE_REPLICAS if wide else REPLICAS).items():
-                nursery.start_soon(get_from, peer, peer_keys)
+        await self._lookup(keys, WIDE_REPLICAS if wide else REPLICAS, get_from)
         now = time.time()
         return {key: {subkey: (record.value, record.seconds_left(now)) for subkey, record in entries.items()}
                 for key, entries in verified.items()}
+
+    async def _lookup(self, keys: Iterable[str], count: int,
+                      visit: Callable[[str, list[str]], Awaitable[bool]]) -> dict[str, int]:
+        """Call ``visit(peer, keys)`` on the ``count`` closest replicas of each key, in rounds: a replica that
+        fails is set aside and the next closest takes its place in the next round. Returns {key: visits that
+        succeeded}. At most ``LOOKUP_ROUNDS`` rounds, each costing a round trip."""
+        keys = list(keys)
+        succeeded = {key: 0 for key in keys}
+        visited: set[tuple[str, str]] = set()
+        for _ in range(LOOKUP_ROUNDS):
+            by_peer: dict[str, list[str]] = {}
+            candidates = self.candidates()
+            for key in keys:
+                for peer in self.replicas_for(key, include_self=self.serving, count=count, candidates=candidates):
+                    if (peer, key) not in visited:
+                        by_peer.setdefault(peer, []).append(key)
+            if not by_peer:
+                break
+
+            async def visit_one(peer: str, peer_keys: list[str]) -> None:
+                if await visit(peer, peer_keys):
+                    for key in peer_keys:
+                        succeeded[key] += 1
+
+            async with trio.open_nursery() as nursery:
+                for peer, peer_keys in by_peer.items():
+                    visited.update((peer, key) for key in peer_keys)
+                    nursery.start_soon(visit_one, peer, peer_keys)
+        return succeeded
 
     # ---- signing and checking records -----------------------------------------------------------------------
     def _sign(self, values: dict[str, bytes], ttl: float) -> dict[str, bytes]:
@@ -216,14 +256,6 @@ class RecordStore:
         record = checked[(blob, subkey)]
         return record if record is not None and key in record.keys else None
 
-    def _group_by_replica(self, keys: Iterable[str], count: int = REPLICAS) -> dict[str, list[str]]:
-        """{replica peer: the keys it holds}, so that each replica gets one request."""
-        by_peer: dict[str, list[str]] = {}
-        for key in keys:
-            for peer in self.replicas_for(key, include_self=True, count=count):
-                by_peer.setdefault(peer, []).append(key)
-        return by_peer
-
     async def _ask(self, peer: str, request: Message, reply: type[M], **context: Any) -> M | None:
         """One request to a replica and its reply; None (and the peer set aside for a while) when it does not
         answer, or answers nonsense."""
@@ -236,6 +268,7 @@ class RecordStore:
             self._peer_failed(peer)
             return None
         self._answered.add(peer)
+        self._strikes.pop(peer, None)
         return result
 
     # ---- server side --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 MODELS_KEY = "jupyter-swarm.models"
+MEET_ROUNDS = 3
 
 
 def block_key(model_prefix: str, block: int) -> str:
@@ -73,9 +74,10 @@ async def announce(store: RecordStore, model_prefix: str, num_blocks: int, recor
     return await store.put_many(values, ttl)
 
 
-async def read_models(store: RecordStore) -> dict[str, int]:
-    """Models that servers of this swarm announce: {model prefix: number of blocks}."""
-    found = (await store.get_many([MODELS_KEY]))[MODELS_KEY]
+async def read_models(store: RecordStore, *, wide: bool = False) -> dict[str, int]:
+    """Models that servers of this swarm announce: {model prefix: number of blocks} (``wide``: read from more
+    replicas)."""
+    found = (await store.get_many([MODELS_KEY], wide=wide))[MODELS_KEY]
     models: dict[str, int] = {}
     for value, _ttl in found.values():
         try:
@@ -90,14 +92,31 @@ async def read_models(store: RecordStore) -> dict[str, int]:
 
 
 async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int, *, wide: bool = False) -> SwarmMap:
-    """Read the current map of ``model_prefix`` from the swarm's records (``wide``: from more replicas)."""
-    keys = {block_key(model_prefix, b): b for b in range(num_blocks)}
-    found = await store.get_many(list(keys), wide=wide)
+    """Read the current map of ``model_prefix`` from the swarm's records (``wide``: from more replicas).
+
+    Every server holds records too, so the servers a read finds become replicas to ask (with the addresses their
+    signed records give, relay circuits included). A reader whose view of the swarm differs from a writer's
+    (it just joined; servers came and went) may miss records on the first pass, so it reads again from the
+    servers it just met, up to ``MEET_ROUNDS`` times, until no new replica turns up."""
     swarm = SwarmMap(model_prefix, num_blocks)
+    keys = {block_key(model_prefix, b): b for b in range(num_blocks)}
+    for _ in range(MEET_ROUNDS):
+        known = store.candidates()
+        _merge(swarm, keys, await store.get_many(list(keys), wide=wide))
+        live = [r for r in swarm.servers.values() if r.state != ServerState.OFFLINE and r.peer_id != store.node.peer_id]
+        for record in live:
+            store.node.remember_addrs(record.peer_id, record.addrs)
+        store.learn(r.peer_id for r in live)
+        if store.candidates() <= known:
+            break
+    return swarm
+
+
+def _merge(swarm: SwarmMap, keys: dict[str, int], found: dict[str, dict[str, tuple[bytes, float]]]) -> None:
     for key, entries in found.items():
         block = keys[key]
         for subkey, (value, ttl) in entries.items():
-            record = decode_record(value, num_blocks=num_blocks)
+            record = decode_record(value, num_blocks=swarm.num_blocks)
             if record is None:
                 continue
             if record.peer_id != subkey or block not in record.span:
@@ -107,4 +126,3 @@ async def read_swarm(store: RecordStore, model_prefix: str, num_blocks: int, *, 
             if ttl > swarm.ttl_left.get(subkey, -1.0):
                 swarm.servers[subkey] = record
                 swarm.ttl_left[subkey] = ttl
-    return swarm

@@ -328,12 +328,7 @@ class BlockServer:
 
     async def read_map(self) -> SwarmMap:
         assert self.store is not None and self.node is not None
-        swarm = await read_swarm(self.store, self.prefix, self.num_blocks)
-        for record in swarm.servers.values():
-            self.node.remember_addrs(record.peer_id, record.addrs)
-        self.store.learn(r.peer_id for r in swarm.servers.values()
-                         if r.state != ServerState.OFFLINE and r.peer_id != self.node.peer_id)
-        return swarm
+        return await read_swarm(self.store, self.prefix, self.num_blocks)
 
     async def _choose_span(self) -> tuple[int, int]:
         swarm = await self.read_map()

@@ -66,7 +66,7 @@ def main() -> None:
     if os.environ.get("JUPYTER_SWARM_DEBUG_P2P"):
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         logging.getLogger("libp2p").propagate = True  # py-libp2p keeps its records to itself otherwise
-        for name in ("libp2p.relay.circuit_v2.dcutr", "jupyter_swarm.p2p"):
+        for name in ("libp2p.relay.circuit_v2.dcutr", "jupyter_swarm.p2p", "jupyter_swarm.dht"):
             logging.getLogger(name).setLevel(logging.DEBUG)
     from jupyter_swarm import AutoDistributedModelForCausalLM
     from jupyter_swarm.p2p.pings import ping_peer

@@ -9,14 +9,13 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from fastapi.testclient import TestClient  # the test extra installs the api extra: never skip these
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jupyter_swarm.api.app import create_app  # noqa: E402
-from jupyter_swarm.api.engine import Engine  # noqa: E402
-from jupyter_swarm.api.stops import StopScanner  # noqa: E402
-from jupyter_swarm.models import make_tiny_model  # noqa: E402
+from jupyter_swarm.api.app import create_app
+from jupyter_swarm.api.engine import Engine
+from jupyter_swarm.api.stops import StopScanner
+from jupyter_swarm.models import make_tiny_model
 
 
 def test_stop_scanner_holds_back_only_what_could_start_a_stop_sequence() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from jupyter_swarm.dht.signed_records import sign_record
@@ -64,6 +66,7 @@ def test_a_lying_replica_cannot_forge_move_replay_or_erase(swarm) -> None:
 
     # alone, the liar can withhold the record or replay the older one (until it expires), nothing more
     honest.local = type(honest.local)()
+    alice.local = type(alice.local)()  # the writer holds its own record too, and honest introduced it
     liar.answer = lambda key: {a: first}
     assert read(reader, "m.0") == {a: b"online v1"}
     liar.answer = lambda key: {a: forged_by_liar}
@@ -87,3 +90,61 @@ def test_a_replica_only_stores_records_their_sender_signed(swarm) -> None:
         liar.node.call(store_as_liar, {"m.0": own}, float("nan"))
     liar.node.call(store_as_liar, {"m.0": own}, 30.0)  # its own record, under its own sub-key, is fine
     assert set(honest.local.get("m.0")) == {liar.node.peer_id}
+
+
+def test_a_dead_replica_is_replaced_by_the_next_closest_and_set_aside(monkeypatch) -> None:
+    import jupyter_swarm.dht.store as store_module
+
+    monkeypatch.setattr(store_module, "REPLICAS", 1)  # one replica per key: the closest, unless it fails
+    nodes = [P2PNode().start() for _ in range(4)]
+    try:
+        writer, first, second, reader = (RecordStore(nodes[0]), RecordStore(nodes[1]), RecordStore(nodes[2]),
+                                         RecordStore(nodes[3], serve=False))
+        for replica in (first, second):
+            for store in (writer, reader):
+                store.node.call(store.node.connect, replica.node.addrs[0])
+        for replica in (first, second):
+            replica.local.put("m.0", writer.node.peer_id,
+                              sign_record(writer.node.identity, ["m.0"], b"hello", ttl=30), 30.0)
+        closest, other = sorted((first, second), key=lambda r: store_module._distance(r.node.peer_id.encode(), b"m.0"))
+        deadline = time.monotonic() + 10
+        while not {first.node.peer_id, second.node.peer_id} <= reader.candidates():  # identify runs after a dial
+            assert time.monotonic() < deadline, "the reader never learned that both replicas hold records"
+            time.sleep(0.05)
+        closest.node.shutdown()
+        assert read(reader, "m.0") == {writer.node.peer_id: b"hello"}  # from `other`, in the second round
+        assert closest.node.peer_id not in reader.replicas_for("m.0", include_self=False)
+        assert reader._strikes[closest.node.peer_id] == 1
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+def test_a_map_read_asks_the_servers_it_finds_for_the_records_its_first_replicas_lack() -> None:
+    """The reader knows one replica, which holds server A's record only; B's record sits on A alone (the writer's
+    and the reader's views differ). One read_swarm() finds both: A's signed record gives A's address."""
+    from jupyter_swarm.dht.records import ServerRecord, ServerState
+    from jupyter_swarm.dht.swarm_map import block_key, encode_record, read_swarm
+
+    nodes = [P2PNode().start() for _ in range(4)]
+    try:
+        replica, a, b, reader = (RecordStore(nodes[0]), RecordStore(nodes[1]), RecordStore(nodes[2]),
+                                 RecordStore(nodes[3], serve=False))
+
+        def hold(store: RecordStore, server: RecordStore, start: int, end: int) -> None:
+            record = ServerRecord(peer_id=server.node.peer_id, addrs=server.node.addrs, start=start, end=end,
+                                  state=ServerState.ONLINE, throughput=1.0)
+            keys = [block_key("m", block) for block in range(start, end)]
+            blob = sign_record(server.node.identity, keys, encode_record(record), ttl=30)
+            for key in keys:
+                store.local.put(key, server.node.peer_id, blob, 30.0)
+
+        hold(replica, a, 0, 1)
+        hold(a, b, 1, 2)
+        reader.node.call(reader.node.connect, replica.node.addrs[0])
+        swarm = reader.node.call(read_swarm, reader, "m", 2)
+        assert set(swarm.servers) == {a.node.peer_id, b.node.peer_id}
+        assert swarm.missing_blocks() == []
+    finally:
+        for node in nodes:
+            node.shutdown()
