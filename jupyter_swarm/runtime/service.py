@@ -22,6 +22,7 @@ from jupyter_swarm.models import BlockSpan
 from jupyter_swarm.p2p.framing import FrameTooLargeError, FramedStream
 from jupyter_swarm.runtime.adapters import ACTIVE_ADAPTER, ServedAdapters
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheBudgetError, CacheFullError
+from jupyter_swarm.runtime.fair_compute import FairCompute
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import OpenSession, SessionTable
 from jupyter_swarm.wire.inference import Open, Opened, Output, PushTarget, Step
@@ -75,7 +76,7 @@ class SpanService:
         self.session_timeout = session_timeout
         self.step_timeout = step_timeout
         self.stats = ServiceStats()
-        self._compute = trio.CapacityLimiter(1)
+        self._compute = FairCompute()  # one model call at a time; the least recently served peer first
         self._step_seconds_per_token: float | None = None  # measured; None until a first step ran
         self._views: dict[tuple[int, int], BlockSpan] = {}
         self._limits: dict[tuple[int, int], SpanLimits] = {}
@@ -114,25 +115,27 @@ class SpanService:
         per_token = max(1, self.span.cache_bytes(1, 1))
         return max(0, self.budget.free_bytes // per_token)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._compute)
+    async def _run(self, peer: str, tokens: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` over ``tokens`` tokens on a compute thread, in ``peer``'s turn of the compute slot."""
+        async with self._compute.turn(peer, tokens):
+            return await trio.to_thread.run_sync(fn, *args)
 
-    async def _run_step(self, tokens: int, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` for an inference step of ``tokens`` (batch x new tokens): inline on the trio thread when
-        it is predicted to take under INLINE_STEP_SECONDS, otherwise on the compute thread."""
+    async def _run_step(self, peer: str, tokens: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` for an inference step of ``tokens`` (batch x new tokens) in ``peer``'s turn: inline on the
+        trio thread when it is predicted to take under INLINE_STEP_SECONDS, otherwise on the compute thread."""
         per_token = self._step_seconds_per_token
         started = time.perf_counter()
         if per_token is not None and tokens * per_token <= INLINE_STEP_SECONDS:
-            try:
-                self._compute.acquire_nowait()  # no scheduler round trip when the compute slot is free (usual)
-            except trio.WouldBlock:
-                await self._compute.acquire()
+            if not self._compute.try_acquire():  # no scheduler round trip when the compute slot is free (usual)
+                await self._compute.acquire(peer, tokens)
+            computing = time.perf_counter()
             try:
                 result = fn(*args)
             finally:
+                self._compute.charge(peer, time.perf_counter() - computing)
                 self._compute.release()
         else:
-            result = await self._run(fn, *args)
+            result = await self._run(peer, tokens, fn, *args)
         seconds = (time.perf_counter() - started) / tokens
         self._step_seconds_per_token = seconds if per_token is None else 0.8 * per_token + 0.2 * seconds
         return result
@@ -149,7 +152,7 @@ class SpanService:
                     reply = self._refusal(e)
                 else:
                     async with self.in_flight.hold(stream.remote_peer):  # a peer's requests past its limit wait
-                        reply = await self._answer("forward/backward", self._rpc, request)
+                        reply = await self._answer("forward/backward", self._rpc, request, stream.remote_peer)
                 await stream.send(reply)
         except FrameTooLargeError as e:
             await stream.send(self._refusal(e))
@@ -171,21 +174,22 @@ class SpanService:
             self.stats.errors += 1
             return error_message(f"server error: {e!r}")
 
-    async def _rpc(self, request: Forward | Backward | Info) -> bytes:
+    async def _rpc(self, request: Forward | Backward | Info, peer: str) -> bytes:
         if isinstance(request, Info):
             return InfoResult(self.span.start, self.span.end, str(self.span.dtype).removeprefix("torch."),
                               self.span.quant_type.value, self.cache_tokens_left()).encode()
         span = self.view(request.start, request.end, request.active_adapter)
         hidden = request.hidden.decode("hidden states", finite=True)
+        tokens = hidden.shape[0] * hidden.shape[1]  # the call's size, for its place in the compute queue
         prompts = _decoded(request.prompts, "prompts")
         compression = request.compression
         if not isinstance(request, Backward):
             self.stats.forward_requests += 1
-            out = await self._run(self._forward, span, hidden, prompts)
+            out = await self._run(peer, tokens, self._forward, span, hidden, prompts)
             return ForwardResult(WireTensor.encode(out, compression)).encode()
         grad_output = _decoded(request.grad_output, "grad_output")
         self.stats.backward_requests += 1
-        grad_hidden, grad_prompts = await self._run(self._backward, span, hidden, grad_output, prompts)
+        grad_hidden, grad_prompts = await self._run(peer, tokens, self._backward, span, hidden, grad_output, prompts)
         return BackwardResult(WireTensor.encode(grad_hidden, compression),
                               None if grad_prompts is None else WireTensor.encode(grad_prompts, compression)).encode()
 
@@ -377,8 +381,8 @@ class SpanService:
         # what a relayed step carries on: the inputs it arrived with plus its own, when it arrived from a server;
         # a step straight from the client carries nothing (the client has its input)
         carry = [] if step.carry is None else [*step.carry, step.hidden]
-        out = await self._run_step(batch * new_tokens, self._inference_step, session.span, hidden, cache,
-                                   step.position, beam, prompts)
+        out = await self._run_step(session.entry.peer, batch * new_tokens, self._inference_step, session.span,
+                                   hidden, cache, step.position, beam, prompts)
         self.stats.inference_steps += 1
         output = Output(WireTensor.encode(out, step.compression), cache.length)
         if step.push:

@@ -14,6 +14,7 @@ from jupyter_swarm.client.inference import BUSY_BACKOFF, InferenceSession
 from jupyter_swarm.errors import ConfigurationError, RemoteError, ServerBusyError, SessionEvictedError
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.runtime.cache_budget import CacheBudget, CacheFullError, CachePeerShareError, SessionTooLargeError
+from jupyter_swarm.runtime.fair_compute import FairCompute
 from jupyter_swarm.runtime.limits import InFlight, PeerLimitError, ServerLimits
 from jupyter_swarm.runtime.sessions import SessionTable
 
@@ -150,3 +151,40 @@ def test_a_client_replays_after_an_eviction_or_a_busy_server_without_banning_it(
     assert banned == ["broken"]  # only the server that failed; the others were short of memory
     assert waited == pytest.approx(2 * BUSY_BACKOFF)  # backs off (more with each failover) before replaying
     assert session.failovers == 3
+
+
+def test_the_compute_slot_goes_to_the_smallest_call_then_the_peer_that_used_least_recently():
+    compute = FairCompute(half_life=10.0)
+    order: list[str] = []
+
+    async def call(peer: str, tokens: int, seconds: float) -> None:
+        async with compute.turn(peer, tokens):
+            order.append(f"{peer}:{tokens}")
+            await trio.sleep(seconds)
+
+    async def main() -> None:
+        compute.charge("greedy", 5.0)  # its recent compute
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "greedy", 64, 1.0)  # takes the free slot
+            await trio.sleep(0.1)
+            for tokens in (64, 64, 1):
+                nursery.start_soon(call, "greedy", tokens, 1.0)  # queue first ...
+                await trio.sleep(0.01)
+            nursery.start_soon(call, "honest", 64, 0.01)  # ... a peer that used nothing goes before them at 64
+            nursery.start_soon(call, "honest", 1, 0.01)  # ... and its step before the greedy one of the same size
+            await trio.sleep(0.1)
+            cancelled = trio.CancelScope()
+
+            async def gives_up() -> None:
+                with cancelled:
+                    await call("quitter", 1, 0.01)
+
+            nursery.start_soon(gives_up)
+            await trio.sleep(0.1)
+            cancelled.cancel()  # a waiter that gives up leaves the queue and blocks no one
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert order == ["greedy:64", "honest:1", "greedy:1", "honest:64", "greedy:64", "greedy:64"]
+    assert compute.usage("greedy") > 1 and compute.usage("honest") > 0  # each call charged to its peer, decaying
+    assert compute.try_acquire()  # free again once everyone is done
+    compute.release()
