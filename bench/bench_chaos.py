@@ -47,6 +47,8 @@ def main() -> int:
             result = run_soak(zygote, path, expected, kills=args.kills, seed=args.seed,
                               log=lambda line: print(line, flush=True))
     print(result.summary())
+    for line in result.failed_starts:
+        print("A SERVER EXITED BEFORE READY:", line)
     for line in result.mismatches[:5]:
         print("MISMATCH", line)
     return 1 if result.mismatches else 0

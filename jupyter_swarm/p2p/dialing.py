@@ -67,6 +67,12 @@ class Dialer:
             now = time.monotonic()
             self._failures = {a: f for a, f in self._failures.items() if f.until > now}
 
+    def forgive(self, addrs: Sequence[str]) -> None:
+        """Let ``addrs`` be dialed again at once (initial peers the user named, being retried)."""
+        for addr in addrs:
+            for key in (addr, addr.split("/p2p/")[0]):
+                self._failures.pop(key, None)
+
     def _succeeded(self, addr: str) -> None:
         self._failures.pop(addr, None)
 

@@ -47,6 +47,7 @@ T = TypeVar("T")
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
 
 CONNECT_TIMEOUT = 5.0
+JOIN_ATTEMPTS = 3
 DIAL_TIMEOUT = 15.0  # finding a path to a peer: direct addresses, then its relays
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PEER_ADDR_TTL = 3600
@@ -340,15 +341,27 @@ class P2PNode:
 
     async def join(self, initial_peers: Sequence[str]) -> list[str]:
         """Connect to a swarm's initial peers (at least one must answer) and fill the DHT routing table from them;
-        returns the peer ids that answered."""
-        joined, errors = [], []
-        for address in initial_peers:
-            try:
-                joined.append(await self.connect(address))
-            except PeerUnavailableError as e:
-                errors.append(str(e))
+        returns the peer ids that answered. When none answers, tries again ``JOIN_ATTEMPTS`` times in all, a second
+        apart and then more: a busy bootstrap node may drop a handshake, and a new server should not exit on that."""
+        joined: list[str] = []
+        for attempt in range(JOIN_ATTEMPTS):
+            errors = []
+            for address in initial_peers:
+                try:
+                    joined.append(await self.connect(address))
+                except PeerUnavailableError as e:
+                    errors.append(str(e))
+            if joined:
+                break
+            if attempt + 1 < JOIN_ATTEMPTS:
+                logger.info("none of the initial peers answered (attempt %d of %d); trying again", attempt + 1,
+                            JOIN_ATTEMPTS)
+                await trio.sleep(2 ** attempt)
+                assert self.reach is not None
+                self.reach.dialer.forgive(initial_peers)
         if not joined:
-            raise PeerUnavailableError("none of the initial peers answered: " + "; ".join(errors))
+            raise PeerUnavailableError(f"none of the initial peers answered ({JOIN_ATTEMPTS} attempts): "
+                                       + "; ".join(errors))
         # In the background: records and routes work through the peers just joined, while a refresh that dials
         # peers which died recently (their addresses linger in others' tables) can take seconds.
         self.spawn(self._refresh_routing_table)

@@ -44,6 +44,7 @@ class SoakResult:
     _timelines: list[list[float]] = field(default_factory=list)  # per generation: its start, then each token
     failovers: int = 0
     servers_started: int = 0
+    failed_starts: list[str] = field(default_factory=list)  # the last line of each server that exited unready
     startup: list[float] = field(default_factory=list)  # seconds from fork to "ready" of replacement servers
     seconds: float = 0.0
 
@@ -116,6 +117,15 @@ class _Swarm:
         self.servers.remove(victim)
         self.killed.append(victim)
 
+    def replace_failed_starts(self) -> list[str]:
+        """Fork a replacement for each server that exited before it was ready (a swarm operator restarts a server
+        that failed to join); returns their last log lines."""
+        failed = [s for s in self.servers if not s.alive and not s.poll_ready()]
+        for server in failed:
+            self.servers.remove(server)
+            self.replace((server.start_block, server.end_block))
+        return [(s.log.read_text().strip().splitlines() or ["(no output)"])[-1][:300] for s in failed]
+
     def replace(self, span: tuple[int, int]) -> ForkedServer:
         server = self.zygote.fork_server(self.model, *span, [*SERVER_ARGS, "--initial-peers", *self.initial_peers()])
         self.servers.append(server)
@@ -161,6 +171,8 @@ def run_soak(zygote: Zygote, model_path: str, expected: Callable[[torch.Tensor, 
         def kill_loop() -> None:
             next_at = rng.randint(*tokens_between_kills)
             while not stop.is_set() and result.kills < kills:
+                with swarm.lock:
+                    result.failed_starts += swarm.replace_failed_starts()
                 if not tokens.wait_for(next_at, timeout=0.5):
                     continue
                 time.sleep(rng.uniform(0, 0.006))

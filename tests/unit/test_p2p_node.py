@@ -50,3 +50,29 @@ def test_a_call_running_when_the_host_shuts_down_gets_peer_unavailable_and_later
     assert len(outcome) == 1 and isinstance(outcome[0], PeerUnavailableError), outcome
     with pytest.raises(PeerUnavailableError, match="not running"):
         node.call(wait_forever)
+
+
+def test_join_tries_the_initial_peers_again_when_none_answered_at_first():
+    """A bootstrap node that is not up yet (or dropped the handshake) when a server starts: the server's join tries
+    again a second later instead of exiting."""
+    import socket
+
+    from jupyter_swarm.p2p.identity import new_identity, peer_id_of
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    identity = new_identity()
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_of(identity)}"
+    joiner = P2PNode().start()
+    late: list[P2PNode] = []
+    starter = threading.Timer(1.5, lambda: late.append(P2PNode(identity=identity,
+                                                               listen=[f"/ip4/127.0.0.1/tcp/{port}"]).start()))
+    try:
+        starter.start()
+        assert joiner.call(joiner.join, [address]) == [peer_id_of(identity)]
+    finally:
+        starter.join()
+        joiner.shutdown()
+        for node in late:
+            node.shutdown()
