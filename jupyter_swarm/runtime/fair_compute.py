@@ -8,6 +8,7 @@ among equally small ones the peer that used the least compute recently (its comp
 half-life), then the first come. So a decode step waits for at most the one call already running, however many
 prefills queue, and peers sending steps of one size share the slot fairly. The price: a large call (a long
 prefill, a training batch) waits while smaller ones keep arriving; its client's step timeout bounds that.
+With ``half_life=0`` the slot is first come, first served (``--limit compute_half_life=0``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class _Waiter:
 
 
 class FairCompute:
-    """One compute slot; waiting calls are served smallest first, then least recent compute, then first come."""
+    """One compute slot; waiting calls are served smallest first, then least recent compute, then first come
+    (``half_life`` 0: first come, first served)."""
 
     def __init__(self, half_life: float = 10.0):
         self.half_life = half_life
@@ -75,14 +77,19 @@ class FairCompute:
         if not self._waiters:
             self._busy = False
             return
-        now = time.monotonic()
-        usage = {w.peer: self.usage(w.peer, now) for w in self._waiters}
-        chosen = min(self._waiters, key=lambda w: (w.tokens, usage[w.peer], w.order))
+        if self.half_life <= 0:
+            chosen = self._waiters[0]
+        else:
+            now = time.monotonic()
+            usage = {w.peer: self.usage(w.peer, now) for w in self._waiters}
+            chosen = min(self._waiters, key=lambda w: (w.tokens, usage[w.peer], w.order))
         self._waiters.remove(chosen)
         chosen.granted.set()  # the slot stays busy: it is the chosen waiter's now
 
     def charge(self, peer: str, seconds: float) -> None:
         """Count ``seconds`` of compute against ``peer``."""
+        if self.half_life <= 0:
+            return
         now = time.monotonic()
         self._usage[peer] = (self.usage(peer, now) + seconds, now)
         if len(self._usage) > MAX_TRACKED_PEERS:

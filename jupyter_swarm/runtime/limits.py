@@ -33,6 +33,7 @@ class ServerLimits:
     bytes_per_second_per_peer: float = 256 * 2**20  # frames a peer sends us; a faster peer is slowed down
     burst_bytes_per_peer: float = 512 * 2**20
     evict_idle_after: float = 1.0  # seconds without a step before a session may be evicted under memory pressure
+    compute_half_life: float = 10.0  # seconds a peer's compute counts against its turn (0: first come, first served)
 
     def __post_init__(self) -> None:
         if self.sessions_per_peer < 1 or self.requests_in_flight_per_peer < 1:
@@ -41,6 +42,8 @@ class ServerLimits:
             raise ConfigurationError(f"cache_share_per_peer must be in (0, 1], got {self.cache_share_per_peer}")
         if self.bytes_per_second_per_peer <= 0 or self.burst_bytes_per_peer <= 0 or self.evict_idle_after < 0:
             raise ConfigurationError("byte rates must be positive and evict_idle_after at least 0")
+        if not 0 <= self.compute_half_life < float("inf"):
+            raise ConfigurationError(f"compute_half_life must be a finite number of seconds >= 0, got {self.compute_half_life}")
 
     def with_options(self, options: Iterator[str] | list[str]) -> "ServerLimits":
         """These limits with ``NAME=VALUE`` options applied (the CLI's ``--limit``)."""

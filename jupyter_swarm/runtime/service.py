@@ -76,7 +76,7 @@ class SpanService:
         self.session_timeout = session_timeout
         self.step_timeout = step_timeout
         self.stats = ServiceStats()
-        self._compute = FairCompute()  # one model call at a time; the least recently served peer first
+        self._compute = FairCompute(limits.compute_half_life)  # one model call at a time; small calls first
         self._step_seconds_per_token: float | None = None  # measured; None until a first step ran
         self._views: dict[tuple[int, int], BlockSpan] = {}
         self._limits: dict[tuple[int, int], SpanLimits] = {}
