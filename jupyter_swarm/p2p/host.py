@@ -80,6 +80,14 @@ def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
             "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...") from e
 
 
+def _peer_went_away(error: Exception) -> bool:
+    """True when ``error`` (or every error of a group, from a handler's nursery) says the other side went away:
+    nothing to answer and nothing to log."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(PeerUnavailableError)[1] is None
+    return isinstance(error, PeerUnavailableError)
+
+
 def parse_peer_multiaddr(text: str) -> tuple[str, multiaddr.Multiaddr]:
     """Parse a full peer address (ending in /p2p/<peer id>) into (peer id, address)."""
     addr = parse_multiaddr(text)
@@ -287,10 +295,9 @@ class P2PNode:
             stream = FramedStream(raw_stream, throttle=throttle)
             try:
                 await handler(stream)
-            except PeerUnavailableError:
-                pass  # the other side went away; nothing to answer
-            except Exception:
-                logger.exception("handler for %s failed on a stream from %s", protocol, stream.remote_peer)
+            except Exception as e:  # noqa: BLE001 - one stream's failure must not take the host down
+                if not _peer_went_away(e):
+                    logger.exception("handler for %s failed on a stream from %s", protocol, stream.remote_peer)
             finally:
                 if quota is not None:
                     self.streams.closed(protocol, peer)

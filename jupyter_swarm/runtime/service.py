@@ -251,8 +251,9 @@ class SpanService:
 
     async def _hold(self, session: _Session, tokens: int) -> None:
         """Grow the session's part of the cache budget to ``tokens`` tokens (and a few ahead). When the budget is
-        full, idle sessions are evicted, longest idle first; when none has been idle long enough, the step waits up
-        to ``evict_idle_after`` seconds for one before it fails with CacheFullError."""
+        full, idle sessions are evicted, longest idle first, and peers over their fair share yield to lighter ones
+        (see runtime/sessions.py); when nothing can go yet, the step waits up to ``evict_idle_after`` seconds
+        before it fails with CacheFullError."""
         reservation = session.entry.reservation
         size = session.bytes_per_token * (tokens + HOLD_AHEAD_TOKENS)
         if size <= reservation.size:
@@ -264,7 +265,8 @@ class SpanService:
                 return
             except CacheFullError:
                 needed = min(size, reservation.declared) - reservation.size
-                if self.sessions.evict_for(needed, self.budget.free_bytes):
+                if self.sessions.evict_for(needed, self.budget.free_bytes, peer=session.entry.peer,
+                                           budget_bytes=self.budget.total_bytes):
                     logger.info("evicted idle sessions to make room for %.1f MiB of cache", needed / 2**20)
                     continue
                 if trio.current_time() >= deadline:

@@ -4,6 +4,12 @@ An idle session holds its whole cache reservation while computing nothing. When 
 sessions idle for at least ``evict_idle_after`` seconds are evicted, the longest idle first, until it does: each
 evicted session's client gets an error saying so (``ErrorReply.EVICTED``) and replays its inputs to continue, as
 after a server failure. Nothing is evicted unless that makes enough room.
+
+A peer holding more than its fair share of the cache (the budget over the peers holding some, the newcomer
+included) yields room at once to a peer that holds less, once admitted, than it does: any of its sessions waiting
+for a step may go, not just those idle for ``evict_idle_after``, the heaviest peer's first. Without this a crowd of
+peers, each refilling sessions as fast as they are evicted, keeps the cache full of sessions idle for less than the
+threshold, and a light client (one session of a few tokens) finds no room at all (bench/bench_flood.py).
 """
 
 from __future__ import annotations
@@ -71,14 +77,35 @@ class SessionTable:
             if not self._count[session.peer]:
                 del self._count[session.peer]
 
-    def evict_for(self, size: int, free_bytes: int) -> int:
-        """Evict idle sessions, longest idle first, until ``size`` bytes are free; returns how many were evicted
-        (0, and none touched, when even evicting every idle session would not make room)."""
+    def held_by_peer(self) -> dict[str, int]:
+        """Bytes of cache each peer's sessions hold now."""
+        held: dict[str, int] = {}
+        for session in self._sessions:
+            if not session.evicted:
+                held[session.peer] = held.get(session.peer, 0) + session.reservation.size
+        return held
+
+    def evict_for(self, size: int, free_bytes: int, *, peer: str | None = None, budget_bytes: int = 0) -> int:
+        """Evict sessions waiting for a step until ``size`` bytes are free: those idle for ``evict_idle_after``,
+        longest idle first, then (for a requesting ``peer`` and a budget of ``budget_bytes``) those of peers over
+        their fair share that hold more than ``peer`` will, heaviest peer first. Returns how many were evicted (0,
+        and none touched, when that would not make room)."""
         now = time.monotonic()
-        idle = sorted((s for s in self._sessions if s.idle_since is not None and not s.evicted
-                       and now - s.idle_since >= self.evict_idle_after), key=lambda s: s.idle_since)
+        held = self.held_by_peer()
+        yields_to: set[str] = set()
+        if peer is not None and budget_bytes > 0:
+            fair = budget_bytes / len(held.keys() | {peer})
+            requester = held.get(peer, 0) + size
+            yields_to = {p for p, n in held.items() if p != peer and n > fair and n > requester}
+
+        def long_idle(s: OpenSession) -> bool:
+            return now - s.idle_since >= self.evict_idle_after  # type: ignore[operator]
+
+        waiting = [s for s in self._sessions if s.idle_since is not None and not s.evicted
+                   and (long_idle(s) or s.peer in yields_to)]
+        waiting.sort(key=lambda s: (0, 0, s.idle_since) if long_idle(s) else (1, -held[s.peer], s.idle_since))
         victims, freed = [], free_bytes
-        for session in idle:
+        for session in waiting:
             if freed >= size:
                 break
             victims.append(session)

@@ -76,3 +76,12 @@ def test_join_tries_the_initial_peers_again_when_none_answered_at_first():
         joiner.shutdown()
         for node in late:
             node.shutdown()
+
+
+def test_a_handler_whose_peer_went_away_inside_a_nursery_is_not_a_failure():
+    from jupyter_swarm.p2p.host import _peer_went_away
+
+    gone = PeerUnavailableError("connection to peer X closed while sending")
+    assert _peer_went_away(gone) and _peer_went_away(ExceptionGroup("session", [gone, gone]))
+    assert not _peer_went_away(ExceptionGroup("session", [gone, ValueError("a bug")]))
+    assert not _peer_went_away(ValueError("a bug"))

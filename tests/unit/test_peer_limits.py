@@ -188,3 +188,25 @@ def test_the_compute_slot_goes_to_the_smallest_call_then_the_peer_that_used_leas
     assert compute.usage("greedy") > 1 and compute.usage("honest") > 0  # each call charged to its peer, decaying
     assert compute.try_acquire()  # free again once everyone is done
     compute.release()
+
+
+def test_a_peer_over_its_fair_share_yields_room_at_once_to_a_lighter_peer(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    budget = CacheBudget(1000)
+    table = SessionTable(per_peer=4, evict_idle_after=1.0)
+    heavy = [table.add("heavy", _held(budget, "heavy", 300)) for _ in range(2)]
+    light = table.add("light", _held(budget, "light", 100))
+    middle = table.add("middle", _held(budget, "middle", 300))
+    for session in (*heavy, light, middle):
+        session.waiting(trio.CancelScope())
+    clock[0] += 0.1  # all idle for far less than the threshold
+    assert table.evict_for(200, budget.free_bytes) == 0  # without a requester: only long-idle sessions go
+    # a newcomer holding 150 once admitted; fair share 1000/4 = 250: only "heavy" (600) is over it and heavier
+    assert table.evict_for(150, budget.free_bytes, peer="newcomer", budget_bytes=1000) == 1
+    assert sum(s.evicted for s in heavy) == 1 and not light.evicted and not middle.evicted
+    # "heavy" (300 now) asking for 200 more may not take room from lighter peers that were active just now
+    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000) == 0
+    assert not light.evicted and not middle.evicted
+    clock[0] += 1.0  # now idle long enough: anyone may take their room, longest idle first
+    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000) >= 1
