@@ -281,7 +281,8 @@ class RecordStore:
                 await stream.send(Stored().encode())
             else:
                 assert isinstance(request, Get)
-                await stream.send(Found({k: self.local.get(k) for k in request.keys}).encode())
+                held = ((key, self.local.get(key)) for key in request.keys)
+                await stream.send(Found({key: entries for key, entries in held if entries}).encode())  # no empty keys
         except (ProtocolError, RemoteError) as e:
             await stream.send(error_message(f"bad records request: {e}", invalid_request=True))
 

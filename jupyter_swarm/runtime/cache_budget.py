@@ -41,6 +41,7 @@ class CacheBudget:
         self.total_bytes = int(total_bytes)
         self.peer_bytes = int(total_bytes * peer_share)
         self._used = 0
+        self._used_by: dict[str, int] = {}
         self._declared_by: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -51,6 +52,11 @@ class CacheBudget:
     @property
     def free_bytes(self) -> int:
         return self.total_bytes - self._used
+
+    def used_by_peer(self) -> dict[str, int]:
+        """Bytes each peer's sessions hold now (peers holding none are left out)."""
+        with self._lock:
+            return dict(self._used_by)
 
     def declared_by(self, peer: str) -> int:
         """Worst-case bytes the open sessions of ``peer`` declared."""
@@ -71,17 +77,23 @@ class CacheBudget:
             self._declared_by[peer] = held + declared
         return CacheReservation(self, declared, peer)
 
-    def _grow(self, extra: int) -> None:
+    def _grow(self, extra: int, peer: str) -> None:
         with self._lock:
             if extra > self.total_bytes - self._used:
                 raise CacheFullError(
                     f"server cache is full: the session needs {_mib(extra)} more, {_mib(self.total_bytes - self._used)} "
                     f"of {_mib(self.total_bytes)} is free; try again later or use another server")
             self._used += extra
+            self._used_by[peer] = self._used_by.get(peer, 0) + extra
 
     def _release(self, size: int, declared: int, peer: str) -> None:
         with self._lock:
             self._used -= size
+            used = self._used_by.get(peer, 0) - size
+            if used > 0:
+                self._used_by[peer] = used
+            else:
+                self._used_by.pop(peer, None)
             left = self._declared_by.get(peer, 0) - declared
             if left > 0:
                 self._declared_by[peer] = left
@@ -103,7 +115,7 @@ class CacheReservation:
         """Hold ``size`` bytes (at most the declared worst case), or raise CacheFullError when they are not free."""
         size = min(size, self.declared)
         if size > self.size and not self._released:
-            self._budget._grow(size - self.size)
+            self._budget._grow(size - self.size, self.peer)
             self.size = size
 
     def release(self) -> None:

@@ -17,7 +17,7 @@ from jupyter_swarm.dht.naming import model_prefix as default_model_prefix
 from jupyter_swarm.dht.records import ServerRecord, ServerState
 from jupyter_swarm.dht.store import RecordStore
 from jupyter_swarm.dht.swarm_map import SwarmMap, announce, read_swarm
-from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
+from jupyter_swarm.errors import ConfigurationError
 from jupyter_swarm.models import BlockSpan, load_model_config
 from jupyter_swarm.models.config import config_dtype
 from jupyter_swarm.models.family import get_family

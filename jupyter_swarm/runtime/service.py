@@ -266,7 +266,7 @@ class SpanService:
             except CacheFullError:
                 needed = min(size, reservation.declared) - reservation.size
                 if self.sessions.evict_for(needed, self.budget.free_bytes, peer=session.entry.peer,
-                                           budget_bytes=self.budget.total_bytes):
+                                           budget_bytes=self.budget.total_bytes, held=self.budget.used_by_peer()):
                     logger.info("evicted idle sessions to make room for %.1f MiB of cache", needed / 2**20)
                     continue
                 if trio.current_time() >= deadline:

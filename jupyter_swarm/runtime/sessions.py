@@ -77,21 +77,14 @@ class SessionTable:
             if not self._count[session.peer]:
                 del self._count[session.peer]
 
-    def held_by_peer(self) -> dict[str, int]:
-        """Bytes of cache each peer's sessions hold now."""
-        held: dict[str, int] = {}
-        for session in self._sessions:
-            if not session.evicted:
-                held[session.peer] = held.get(session.peer, 0) + session.reservation.size
-        return held
-
-    def evict_for(self, size: int, free_bytes: int, *, peer: str | None = None, budget_bytes: int = 0) -> int:
+    def evict_for(self, size: int, free_bytes: int, *, peer: str | None = None, budget_bytes: int = 0,
+                  held: dict[str, int] | None = None) -> int:
         """Evict sessions waiting for a step until ``size`` bytes are free: those idle for ``evict_idle_after``,
-        longest idle first, then (for a requesting ``peer`` and a budget of ``budget_bytes``) those of peers over
-        their fair share that hold more than ``peer`` will, heaviest peer first. Returns how many were evicted (0,
-        and none touched, when that would not make room)."""
+        longest idle first, then (for a requesting ``peer``, a budget of ``budget_bytes`` and ``held``, the bytes
+        each peer holds) those of peers over their fair share that hold more than ``peer`` will, heaviest peer
+        first. Returns how many were evicted (0, and none touched, when that would not make room)."""
         now = time.monotonic()
-        held = self.held_by_peer()
+        held = held or {}
         yields_to: set[str] = set()
         if peer is not None and budget_bytes > 0:
             fair = budget_bytes / len(held.keys() | {peer})
@@ -103,7 +96,7 @@ class SessionTable:
 
         waiting = [s for s in self._sessions if s.idle_since is not None and not s.evicted
                    and (long_idle(s) or s.peer in yields_to)]
-        waiting.sort(key=lambda s: (0, 0, s.idle_since) if long_idle(s) else (1, -held[s.peer], s.idle_since))
+        waiting.sort(key=lambda s: (0, 0, s.idle_since) if long_idle(s) else (1, -held.get(s.peer, 0), s.idle_since))
         victims, freed = [], free_bytes
         for session in waiting:
             if freed >= size:

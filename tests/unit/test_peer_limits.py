@@ -203,10 +203,11 @@ def test_a_peer_over_its_fair_share_yields_room_at_once_to_a_lighter_peer(monkey
     clock[0] += 0.1  # all idle for far less than the threshold
     assert table.evict_for(200, budget.free_bytes) == 0  # without a requester: only long-idle sessions go
     # a newcomer holding 150 once admitted; fair share 1000/4 = 250: only "heavy" (600) is over it and heavier
-    assert table.evict_for(150, budget.free_bytes, peer="newcomer", budget_bytes=1000) == 1
+    assert budget.used_by_peer() == {"heavy": 600, "light": 100, "middle": 300}
+    assert table.evict_for(150, budget.free_bytes, peer="newcomer", budget_bytes=1000, held=budget.used_by_peer()) == 1
     assert sum(s.evicted for s in heavy) == 1 and not light.evicted and not middle.evicted
     # "heavy" (300 now) asking for 200 more may not take room from lighter peers that were active just now
-    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000) == 0
+    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000, held=budget.used_by_peer()) == 0
     assert not light.evicted and not middle.evicted
     clock[0] += 1.0  # now idle long enough: anyone may take their room, longest idle first
-    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000) >= 1
+    assert table.evict_for(400, budget.free_bytes, peer="heavy", budget_bytes=1000, held=budget.used_by_peer()) >= 1
