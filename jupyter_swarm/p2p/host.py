@@ -35,6 +35,7 @@ from jupyter_swarm.errors import ConfigurationError, PeerUnavailableError
 from jupyter_swarm.p2p.addresses import AnnouncedAddresses, all_loopback
 from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
 from jupyter_swarm.p2p.hot_path import patch_hot_path
+from jupyter_swarm.p2p.inbound_cap import cap_live_inbound
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.p2p.identity import new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions, Reachability
@@ -181,6 +182,7 @@ class P2PNode:
                                                auto_connect_interval=1e9),
             addrs_factory=self.addresses,  # never 0.0.0.0: interfaces, confirmed public addresses, circuits
         )
+        cap_live_inbound(self.host.get_network())  # else the host stops taking connections after 300 in its life
         # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
         async with self.host.run(listen_addrs=self._listen):
             self.addresses.attach(self.host.get_transport_addrs)

@@ -85,3 +85,36 @@ def test_a_handler_whose_peer_went_away_inside_a_nursery_is_not_a_failure():
     assert _peer_went_away(gone) and _peer_went_away(ExceptionGroup("session", [gone, gone]))
     assert not _peer_went_away(ExceptionGroup("session", [gone, ValueError("a bug")]))
     assert not _peer_went_away(ValueError("a bug"))
+
+
+def test_a_host_keeps_taking_connections_after_more_than_its_cap_came_and_went():
+    """py-libp2p's swarm kept a slot of its inbound cap for every connection of its lifetime: with a cap of 2, a
+    third peer was refused even after the first two connections had closed. The cap now counts the connections
+    open now."""
+    import time
+
+    from libp2p.peer.id import ID
+
+    server = P2PNode().start()
+    network = server.host.get_network()
+    network._inbound_limiter.total_tokens = 2
+    clients = []
+    try:
+        for _ in range(5):  # one after another, each connection closed before the next
+            client = P2PNode().start()
+            clients.append(client)
+            assert client.call(client.connect, server.addrs[0]) == server.peer_id
+            client.shutdown()
+            deadline = time.monotonic() + 10
+            while server.call_sync(lambda: len(network.get_connections())):  # closed (and any redial too)
+                assert time.monotonic() < deadline, "the server never closed the connection"
+                server.call(network.close_peer, ID.from_base58(client.peer_id))
+                time.sleep(0.05)
+        together = [P2PNode().start() for _ in range(2)]  # two open at once still fit the cap of 2
+        clients += together
+        for client in together:
+            assert client.call(client.connect, server.addrs[0]) == server.peer_id
+    finally:
+        for client in clients:
+            client.shutdown()
+        server.shutdown()
