@@ -73,6 +73,7 @@ class SoakResult:
                 f"{self.kills_during_generation['client-driven']} during client-driven generation), "
                 f"{self.servers_started} servers started, {total} generations ({self.generations['relayed']} relayed, "
                 f"{self.generations['client-driven']} client-driven), {self.failovers} failovers, "
+                f"{len(self.failed_starts)} servers exited before ready (replaced), "
                 f"{total - len(self.mismatches)}/{total} identical to local, {self.seconds:.0f} s\n"
                 f"stall at a kill (the gap between tokens it fell in, {len(self.kill_stalls)} kills): "
                 f"p50 {1000 * k50:.0f} ms, p99 {1000 * k99:.0f} ms, max {1000 * kmax:.0f} ms\n"
