@@ -195,12 +195,16 @@ class P2PNode:
             async with background_trio_service(self.dht):
                 for protocol, (handler, quota) in self._handlers.items():
                     self._install_handler(protocol, handler, quota)
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    await nursery.start(self.reach.run)
-                    task_status.started()
-                    await self._stopped.wait()
-                    nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        await nursery.start(self.reach.run)
+                        task_status.started()
+                        await self._stopped.wait()
+                        nursery.cancel_scope.cancel()
+                except Exception:
+                    logger.exception("the libp2p node stopped on an error; this process can no longer reach peers")
+                    raise
 
     def shutdown(self) -> None:
         """Stop every background task, close connections and the trio thread. Idempotent."""
@@ -258,9 +262,17 @@ class P2PNode:
         return token
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start a background task in the node's nursery (call from the trio thread)."""
+        """Start a background task in the node's nursery (call from the trio thread). A task that fails is logged:
+        it must not cancel the nursery, which would stop the whole node (every later dial and stream would fail)."""
         assert self._nursery is not None, "node not started"
-        self._nursery.start_soon(fn, *args)
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                logger.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+
+        self._nursery.start_soon(guarded)
 
     def spawn_from_thread(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start a background task in the node's nursery from any other thread."""

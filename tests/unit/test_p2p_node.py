@@ -66,7 +66,7 @@ def test_join_tries_the_initial_peers_again_when_none_answered_at_first():
     address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_of(identity)}"
     joiner = P2PNode().start()
     late: list[P2PNode] = []
-    starter = threading.Timer(1.5, lambda: late.append(P2PNode(identity=identity,
+    starter = threading.Timer(1.2, lambda: late.append(P2PNode(identity=identity,
                                                                listen=[f"/ip4/127.0.0.1/tcp/{port}"]).start()))
     try:
         starter.start()
@@ -118,3 +118,22 @@ def test_a_host_keeps_taking_connections_after_more_than_its_cap_came_and_went()
         for client in clients:
             client.shutdown()
         server.shutdown()
+
+
+def test_a_background_task_that_fails_is_logged_and_the_node_keeps_running(caplog):
+    node = P2PNode().start()
+    try:
+        async def broken() -> None:
+            raise RuntimeError("a bug in a background task")
+
+        node.call_sync(node.spawn, broken)
+        other = P2PNode().start()
+        try:
+            assert other.call(other.connect, node.addrs[0]) == node.peer_id
+            assert node.call(node.connect, other.addrs[0]) == other.peer_id  # the node can still dial
+        finally:
+            other.shutdown()
+        assert any("a bug in a background task" in r.getMessage() or "broken" in r.getMessage()
+                   for r in caplog.records if r.levelname == "ERROR")
+    finally:
+        node.shutdown()
