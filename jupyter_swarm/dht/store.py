@@ -68,26 +68,29 @@ class RecordStore:
 
     # ---- which peers hold a key ---------------------------------------------------------------
     def candidates(self) -> set[str]:
-        """Peers believed to hold records: they speak this protocol (per identify, or they answered us).
+        """Peers believed to hold records now: connected peers that speak this protocol (per identify), peers that
+        answered us, and servers whose live records we read (see :meth:`learn`).
 
-        Clients sit in routing tables too but store nothing, and peers that just failed us are skipped,
-        so neither can crowd the live servers out of a key's replica set.
+        Peers that failed us are set aside (see :meth:`_peer_failed`) and do not come back from memory: the DHT
+        routing table and the peerstore remember every peer ever met, and under churn the dead ones outnumber the
+        live ones, filling every key's replica set (a 1,000-kill soak ended with the client unable to find any
+        of the new servers). Clients sit in routing tables too but store nothing.
         """
         connected = set(self.node.connected_peers())
-        peers = set(connected)
-        if self.node.dht is not None:
-            peers.update(str(p) for p in self.node.dht.routing_table.get_peer_ids())
         now = time.monotonic()
         announcers = {p for p, seen in self._announcers.items() if now - seen < ANNOUNCER_MEMORY}
         failing = {p for p, until in self._failing.items() if until > now}
-        good = {p for p in peers if p in self._answered or self._speaks_protocol(p)} | announcers
+        good = {p for p in connected if self._speaks_protocol(p)} | self._answered | announcers
         return (good - failing) or (connected - failing)
 
     def learn(self, peer_ids: Iterable[str]) -> None:
         """Remember peers whose records we just read (servers hold records): under churn, the peers we first
-        connected to may all be gone, and the servers that replaced them are only known from their records."""
+        connected to may all be gone, and the servers that replaced them are only known from their records.
+        A peer that failed us lately is not taken back on a record's word (a dead server's record outlives it)."""
         now = time.monotonic()
         for peer_id in peer_ids:
+            if self._failing.get(peer_id, 0.0) > now:
+                continue
             self._announcers.pop(peer_id, None)
             self._announcers[peer_id] = now
         while len(self._announcers) > MAX_ANNOUNCERS:
@@ -100,8 +103,8 @@ class RecordStore:
             return False
 
     def _peer_failed(self, peer_id: str) -> None:
-        """Set a replica that failed aside, longer each time in a row: under churn, dead servers (from records
-        not yet expired, or introduced by others) must not keep crowding the live ones out of the replica sets."""
+        """Set a replica that failed aside, longer each time in a row: under churn, dead servers (known from records
+        not yet expired) must not keep crowding the live ones out of the replica sets."""
         now = time.monotonic()
         self._answered.discard(peer_id)
         self._announcers.pop(peer_id, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from libp2p.peer.id import ID
 
 from jupyter_swarm.dht.signed_records import sign_record
 from jupyter_swarm.dht.store import PROTOCOL, RecordStore
@@ -145,6 +146,32 @@ def test_a_map_read_asks_the_servers_it_finds_for_the_records_its_first_replicas
         swarm = reader.node.call(read_swarm, reader, "m", 2)
         assert set(swarm.servers) == {a.node.peer_id, b.node.peer_id}
         assert swarm.missing_blocks() == []
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+def test_a_replica_that_died_does_not_come_back_from_the_routing_table_once_set_aside_no_longer() -> None:
+    """Under churn the routing table and peerstore remember every server ever met; a dead one must not return to
+    the replica sets when its time set aside runs out, or the dead crowd out the live."""
+    nodes = [P2PNode().start() for _ in range(3)]
+    try:
+        dead, alive, reader = RecordStore(nodes[0]), RecordStore(nodes[1]), RecordStore(nodes[2], serve=False)
+        for replica in (dead, alive):
+            reader.node.call(reader.node.connect, replica.node.addrs[0])
+        deadline = time.monotonic() + 10
+        while not {dead.node.peer_id, alive.node.peer_id} <= reader.candidates():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        read(reader, "m.0")  # both answer: known to hold records
+        dead.node.shutdown()
+        # a process that dies has its sockets closed by the kernel; a node shut down in this process does not
+        reader.node.call(reader.node.host.get_network().close_peer, ID.from_base58(dead.node.peer_id))
+        read(reader, "m.0")  # the dead one fails this read and is set aside
+        assert reader._strikes.get(dead.node.peer_id) == 1
+        reader._failing[dead.node.peer_id] = 0.0  # its time set aside is over
+        assert dead.node.peer_id not in reader.candidates()
+        assert alive.node.peer_id in reader.candidates()
     finally:
         for node in nodes:
             node.shutdown()
