@@ -183,28 +183,45 @@ class P2PNode:
             addrs_factory=self.addresses,  # never 0.0.0.0: interfaces, confirmed public addresses, circuits
         )
         cap_live_inbound(self.host.get_network())  # else the host stops taking connections after 300 in its life
-        # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
-        async with self.host.run(listen_addrs=self._listen):
-            self.addresses.attach(self.host.get_transport_addrs)
-            local = self.network_options.local
-            if local is None:
-                local = all_loopback(str(a) for a in self._listen)
-            self.reach = Reachability(self.host, self.network_options, self.addresses, local=local,
-                                      connect=self.connect)
+        try:
+            # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
+            async with self.host.run(listen_addrs=self._listen):
+                self.addresses.attach(self.host.get_transport_addrs)
+                local = self.network_options.local
+                if local is None:
+                    local = all_loopback(str(a) for a in self._listen)
+                self.reach = Reachability(self.host, self.network_options, self.addresses, local=local,
+                                          connect=self.connect)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self._keep_dht_running)
+                    for protocol, (handler, quota) in self._handlers.items():
+                        self._install_handler(protocol, handler, quota)
+                    await nursery.start(self.reach.run)
+                    task_status.started()
+                    await self._stopped.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception:
+            logger.exception("the libp2p node stopped on an error; this process can no longer reach peers")
+            raise
+
+    async def _keep_dht_running(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run py-libp2p's Kademlia service, and start a new one if it fails: its failure would otherwise cancel
+        the whole node (a client in a 1,000-kill soak lost every connection that way, mid-generation)."""
+        started = False
+        while True:
             self.dht = KadDHT(self.host, self._dht_mode)
-            async with background_trio_service(self.dht):
-                for protocol, (handler, quota) in self._handlers.items():
-                    self._install_handler(protocol, handler, quota)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        await nursery.start(self.reach.run)
+            try:
+                async with background_trio_service(self.dht):
+                    if not started:
+                        started = True
                         task_status.started()
-                        await self._stopped.wait()
-                        nursery.cancel_scope.cancel()
-                except Exception:
-                    logger.exception("the libp2p node stopped on an error; this process can no longer reach peers")
+                    await trio.sleep_forever()
+            except Exception:
+                logger.exception("the Kademlia DHT service failed; starting a new one")
+                if not started:
                     raise
+            await trio.sleep(1.0)
 
     def shutdown(self) -> None:
         """Stop every background task, close connections and the trio thread. Idempotent."""

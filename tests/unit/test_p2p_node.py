@@ -1,6 +1,7 @@
 """The bridge from other threads into a P2PNode's trio thread."""
 
 import threading
+import time
 
 import pytest
 import trio
@@ -135,5 +136,28 @@ def test_a_background_task_that_fails_is_logged_and_the_node_keeps_running(caplo
             other.shutdown()
         assert any("a bug in a background task" in r.getMessage() or "broken" in r.getMessage()
                    for r in caplog.records if r.levelname == "ERROR")
+    finally:
+        node.shutdown()
+
+
+def test_a_failing_kademlia_service_is_replaced_and_the_node_keeps_running(caplog):
+    node = P2PNode().start()
+    try:
+        first = node.dht
+
+        async def fail() -> None:
+            raise RuntimeError("a bug inside the DHT service")
+
+        node.call_sync(lambda: first.manager.run_task(fail))
+        deadline = time.monotonic() + 10
+        while node.dht is first:
+            assert time.monotonic() < deadline, "the DHT service was not replaced"
+            time.sleep(0.05)
+        other = P2PNode().start()
+        try:
+            assert node.call(node.connect, other.addrs[0]) == other.peer_id  # the node still works
+        finally:
+            other.shutdown()
+        assert any("Kademlia DHT service failed" in r.getMessage() for r in caplog.records)
     finally:
         node.shutdown()
