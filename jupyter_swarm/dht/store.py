@@ -2,8 +2,10 @@
 
 py-libp2p's DHT stores one value per key with a fixed 24 h expiry, while the swarm map needs, per block,
 one record per server that vanishes within seconds of the server going silent. So this module keeps
-``key -> {subkey: (value, expiry)}`` on the peers closest to the key (XOR distance, as Kademlia does)
-and uses the libp2p DHT's routing table to find those peers.
+``key -> {subkey: (value, expiry)}`` on the peers closest to the key (XOR distance, as Kademlia does), among
+the peers known to hold records now: connected ones that speak this protocol, ones that answered, and the servers
+whose live records were read (``dht/swarm_map.py`` asks those in turn). Not every peer the DHT's routing table ever
+met: under churn the dead ones outnumber the live. A replica that fails is replaced by the next closest.
 
 The sub-key is the announcing peer's id, and every value is signed by that peer for the keys it names, with a
 signed expiry (``dht/signed_records.py``): replicas check it before storing (and only take a peer's records from
