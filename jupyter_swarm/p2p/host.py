@@ -36,6 +36,7 @@ from jupyter_swarm.p2p.addresses import AnnouncedAddresses, all_loopback
 from jupyter_swarm.p2p.framing import DEFAULT_MAX_FRAME_BYTES, FramedStream
 from jupyter_swarm.p2p.hot_path import patch_hot_path
 from jupyter_swarm.p2p.inbound_cap import cap_live_inbound
+from jupyter_swarm.p2p.peerstore_guard import keep_own_entry
 from jupyter_swarm.p2p.peer_limits import PeerByteRate, StreamCounter, StreamQuota
 from jupyter_swarm.p2p.identity import new_identity
 from jupyter_swarm.p2p.reachability import NetworkOptions, Reachability
@@ -183,6 +184,7 @@ class P2PNode:
             addrs_factory=self.addresses,  # never 0.0.0.0: interfaces, confirmed public addresses, circuits
         )
         cap_live_inbound(self.host.get_network())  # else the host stops taking connections after 300 in its life
+        keep_own_entry(self.host.get_peerstore(), self.host.get_id())  # else it evicts itself after 1,000 peers
         try:
             # Host contexts are entered outside any timeout scope (a py-libp2p quirk).
             async with self.host.run(listen_addrs=self._listen):

@@ -161,3 +161,31 @@ def test_a_failing_kademlia_service_is_replaced_and_the_node_keeps_running(caplo
         assert any("Kademlia DHT service failed" in r.getMessage() for r in caplog.records)
     finally:
         node.shutdown()
+
+
+def test_a_host_that_met_more_peers_than_its_peerstore_holds_keeps_its_own_keys():
+    """py-libp2p's peerstore evicts address-less peers first once it holds max_peers, and a host has no addresses
+    of its own there: it evicted itself, and its identify handler then took the host down."""
+    import multiaddr
+    from libp2p.peer.id import ID
+
+    from jupyter_swarm.p2p.identity import new_identity, peer_id_of
+
+    node = P2PNode().start()
+    other = P2PNode().start()
+    try:
+        peerstore = node.host.get_peerstore()
+        peerstore.max_peers = 5
+
+        def meet_many() -> None:
+            for port in range(20):
+                peer = ID.from_base58(peer_id_of(new_identity()))
+                peerstore.add_addrs(peer, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{10000 + port}")], 3600)
+
+        node.call_sync(meet_many)
+        assert node.call_sync(node.host.get_public_key) is not None
+        assert other.call(other.connect, node.addrs[0]) == node.peer_id  # identify answers, the host is up
+        assert node.call(node.connect, other.addrs[0]) == other.peer_id
+    finally:
+        other.shutdown()
+        node.shutdown()
