@@ -17,6 +17,8 @@ from jupyter_swarm.p2p.swarm_key import SwarmKey
 
 
 PROBE_TIMEOUT = 10.0  # connecting to one server for a probe
+REREADS = 3  # a one-off reader reads again while each read finds servers the one before did not
+REREAD_PAUSE = 1.0
 HOLE_PUNCH_WAIT = 6.0  # how long a probe waits for relayed connections to become direct
 
 
@@ -39,7 +41,7 @@ def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = N
             models = await read_models(store, wide=True)
             if model_prefix is not None:
                 models = {k: v for k, v in models.items() if k == model_prefix}
-            maps = {prefix: await read_swarm(store, prefix, num_blocks, wide=True)
+            maps = {prefix: await _read_until_settled(store, prefix, num_blocks)
                     for prefix, num_blocks in sorted(models.items())}
             if links is not None:
                 links.update(await _probe(node, [r for m in maps.values() for r in m.servers.values()]))
@@ -48,6 +50,25 @@ def read_swarm_status(initial_peers: Sequence[str], model_prefix: str | None = N
         return node.call(read)
     finally:
         node.shutdown()
+
+
+async def _read_until_settled(store: RecordStore, prefix: str, num_blocks: int) -> SwarmMap:
+    """The map of ``prefix``, read again (a second later, failed replicas forgiven) while a read finds servers
+    that the reads before it did not. A reader that just joined dials the replicas it learns of as it reads;
+    behind NAT, through relays, a dial can outlast one request's timeout (the dial goes on in the background),
+    and a map of one read could miss the servers whose records only those replicas hold."""
+    swarm = await read_swarm(store, prefix, num_blocks, wide=True)
+    for _ in range(REREADS):
+        await trio.sleep(REREAD_PAUSE)
+        store.forget_failures()
+        again = await read_swarm(store, prefix, num_blocks, wide=True)
+        new = set(again.servers) - set(swarm.servers)
+        for peer, record in again.servers.items():
+            if again.ttl_left[peer] > swarm.ttl_left.get(peer, -1.0):
+                swarm.servers[peer], swarm.ttl_left[peer] = record, again.ttl_left[peer]
+        if not new:
+            break
+    return swarm
 
 
 async def _probe(node: P2PNode, records: list[ServerRecord]) -> dict[str, str | None]:

@@ -118,6 +118,19 @@ class RecordStore:
                 del self._failing[peer]
                 self._strikes.pop(peer, None)
 
+    def _anchors(self) -> list[str]:
+        """The peers this one joined through (bootstrap nodes, usually). Every record is also stored there and
+        every read also asks them: everyone knows them, while a newcomer's view of who is closest to a key can
+        miss every replica the writers chose (a status reader that had joined through the bootstrap node found
+        no models at all)."""
+        reach = getattr(self.node, "reach", None)
+        return [] if reach is None else [p for p in reach.initial_peers if p != self.node.peer_id]
+
+    def forget_failures(self) -> None:
+        """Give every replica set aside another chance (a one-off reader trying again, e.g. ``status``)."""
+        self._failing.clear()
+        self._strikes.clear()
+
     def replicas_for(self, key: str, *, include_self: bool, count: int = REPLICAS,
                      candidates: set[str] | None = None) -> list[str]:
         """The ``count`` peers closest to ``key`` that this peer knows of (or among ``candidates``)."""
@@ -194,17 +207,20 @@ class RecordStore:
 
     async def _lookup(self, keys: Iterable[str], count: int,
                       visit: Callable[[str, list[str]], Awaitable[bool]]) -> dict[str, int]:
-        """Call ``visit(peer, keys)`` on the ``count`` closest replicas of each key, in rounds: a replica that
-        fails is set aside and the next closest takes its place in the next round. Returns {key: visits that
-        succeeded}. At most ``LOOKUP_ROUNDS`` rounds, each costing a round trip."""
+        """Call ``visit(peer, keys)`` on the ``count`` closest replicas of each key and on the peers we joined
+        through (:meth:`_anchors`), in rounds: a replica that fails is set aside and the next closest takes its
+        place in the next round. Returns {key: visits that succeeded}. At most ``LOOKUP_ROUNDS`` rounds, each
+        costing a round trip."""
         keys = list(keys)
         succeeded = {key: 0 for key in keys}
         visited: set[tuple[str, str]] = set()
         for _ in range(LOOKUP_ROUNDS):
             by_peer: dict[str, list[str]] = {}
             candidates = self.candidates()
+            anchors = [p for p in self._anchors() if p in candidates]
             for key in keys:
-                for peer in self.replicas_for(key, include_self=self.serving, count=count, candidates=candidates):
+                closest = self.replicas_for(key, include_self=self.serving, count=count, candidates=candidates)
+                for peer in [*closest, *(a for a in anchors if a not in closest)]:
                     if (peer, key) not in visited:
                         by_peer.setdefault(peer, []).append(key)
             if not by_peer:

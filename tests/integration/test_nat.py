@@ -185,8 +185,9 @@ def test_status_shows_how_each_server_is_reached_from_another_home(nat):
     command = [sys.executable, "-m", "jupyter_swarm.cli", "status", "--probe", "--initial-peers", *nat.boot.addrs]
     result = nat.topo.run(nat.topo.homes[2].host, command, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = {server.peer_id: next(line for line in result.stdout.splitlines() if server.peer_id in line)
+    lines = {server.peer_id: next((line for line in result.stdout.splitlines() if server.peer_id in line), None)
              for server in (nat.s1, nat.s4)}
+    assert None not in lines.values(), (lines, result.stdout[-3000:], result.stderr[-3000:])
     _report("status --probe from home 3", {peer[-8:]: line.split("reachability", 1)[1] for peer, line in lines.items()})
     assert "reachability relayed" in lines[nat.s1.peer_id] and "from here hole-punched" in lines[nat.s1.peer_id]
     assert "reachability relayed" in lines[nat.s4.peer_id] and "from here relayed" in lines[nat.s4.peer_id]
