@@ -64,8 +64,7 @@ async def _read_until_settled(store: RecordStore, prefix: str, num_blocks: int) 
         again = await read_swarm(store, prefix, num_blocks, wide=True)
         new = set(again.servers) - set(swarm.servers)
         for peer, record in again.servers.items():
-            if again.ttl_left[peer] > swarm.ttl_left.get(peer, -1.0):
-                swarm.servers[peer], swarm.ttl_left[peer] = record, again.ttl_left[peer]
+            swarm.keep(record, again.ttl_left[peer])
         if not new:
             break
     return swarm

@@ -44,6 +44,12 @@ class SwarmMap:
         """Blocks that no server (in one of ``states``) holds."""
         return [b for b, n in enumerate(self.coverage(states)) if n == 0]
 
+    def keep(self, record: ServerRecord, ttl: float) -> None:
+        """Hold ``record`` unless the map already has a record of its server that lives longer."""
+        if ttl > self.ttl_left.get(record.peer_id, -1.0):
+            self.servers[record.peer_id] = record
+            self.ttl_left[record.peer_id] = ttl
+
     def online(self) -> list[ServerRecord]:
         """Online servers, ordered by span start."""
         return sorted((s for s in self.servers.values() if s.state == ServerState.ONLINE),
@@ -123,6 +129,4 @@ def _merge(swarm: SwarmMap, keys: dict[str, int], found: dict[str, dict[str, tup
                 logger.warning("ignoring a record of %s under block %d: it names peer %s, span %d:%d",
                                subkey, block, record.peer_id, record.start, record.end)
                 continue
-            if ttl > swarm.ttl_left.get(subkey, -1.0):
-                swarm.servers[subkey] = record
-                swarm.ttl_left[subkey] = ttl
+            swarm.keep(record, ttl)
